@@ -1,0 +1,143 @@
+"""Log-mel spectrograms in torch, batched, numerically matching librosa.
+
+``LogMel(config)(waveforms)`` computes, for each clip in a batch,
+``librosa.power_to_db(librosa.feature.melspectrogram(...), ref=np.max, top_db=...)``
+with the same window, padding and Slaney mel filterbank (taken from librosa itself),
+on the CPU or a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+import numpy as np
+import torch
+
+# Imported eagerly (librosa loads it lazily, ~1 s): worker processes forked later
+# then inherit it instead of each importing it again.
+from librosa.filters import mel as mel_filterbank
+
+from .config import config_digest
+
+#: Floor on mel power before the logarithm, as librosa's ``amin``.
+AMIN = 1e-10
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How a waveform becomes a log-mel spectrogram.
+
+    Attributes
+    ----------
+    sample_rate : int
+        Clips are resampled to this rate (Hz) before analysis.
+    n_fft : int
+        STFT window and FFT length in samples (periodic Hann window).
+    hop_length : int
+        Samples between frames; a clip of ``n`` samples gives ``1 + n // hop_length``
+        frames (centred frames, zero padding, as librosa).
+    n_mels : int
+        Number of mel bands (Slaney scale and area normalisation, librosa's default).
+    fmin, fmax : float
+        Band edges in Hz; ``fmax=None`` means ``sample_rate / 2``.
+    top_db : float or None
+        Values are in dB relative to the clip's loudest bin (0 dB) and clipped at
+        ``-top_db``; ``None`` disables clipping.
+    """
+
+    sample_rate: int = 22050
+    n_fft: int = 1024
+    hop_length: int = 256
+    n_mels: int = 128
+    fmin: float = 20.0
+    fmax: float | None = None
+    top_db: float | None = 80.0
+
+    def __post_init__(self):
+        if self.sample_rate <= 0 or self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
+            raise ValueError(f"sample_rate, n_fft, hop_length and n_mels must be positive: {self}")
+        nyquist = self.sample_rate / 2
+        if not 0 <= self.fmin < (self.fmax or nyquist) <= nyquist:
+            raise ValueError(f"need 0 <= fmin < fmax <= sample_rate/2 ({nyquist} Hz): {self}")
+
+    @property
+    def digest(self) -> str:
+        """Short hash naming this config (cache folders are keyed by it)."""
+        return config_digest(self)
+
+    @property
+    def floor_db(self) -> float:
+        """Lowest value a spectrogram can hold (silence)."""
+        return -(self.top_db if self.top_db is not None else 100.0)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for a clip of ``num_samples`` samples (after padding)."""
+        return 1 + max(num_samples, self.n_fft) // self.hop_length
+
+    def frames_to_seconds(self, frames: int) -> float:
+        return frames * self.hop_length / self.sample_rate
+
+
+class LogMel(torch.nn.Module):
+    """Batched log-mel spectrogram: ``(batch, samples)`` to ``(batch, n_mels, frames)``.
+
+    Clips shorter than one window are zero-padded to ``n_fft`` samples. The dB
+    reference (``ref=np.max``) is taken per clip over its own frames only, so
+    zero-padding a batch to a common length does not change any clip's values.
+    """
+
+    def __init__(self, config: FeatureConfig):
+        super().__init__()
+        self.config = config
+        mel = mel_filterbank(
+            sr=config.sample_rate,
+            n_fft=config.n_fft,
+            n_mels=config.n_mels,
+            fmin=config.fmin,
+            fmax=config.fmax,
+        )
+        self.register_buffer("mel_basis", torch.from_numpy(mel), persistent=False)
+        self.register_buffer("window", torch.hann_window(config.n_fft), persistent=False)
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mel of each row; ``lengths`` (samples) marks each clip's true end.
+
+        Frames past a clip's end (``config.num_frames(length)``) are set to the floor.
+        """
+        cfg = self.config
+        if waveforms.shape[-1] < cfg.n_fft:
+            waveforms = torch.nn.functional.pad(waveforms, (0, cfg.n_fft - waveforms.shape[-1]))
+        spec = torch.stft(
+            waveforms,
+            cfg.n_fft,
+            cfg.hop_length,
+            window=self.window,
+            center=True,
+            pad_mode="constant",
+            return_complex=True,
+        )
+        power = spec.real.square() + spec.imag.square()
+        db = 10.0 * torch.log10(torch.matmul(self.mel_basis, power).clamp_min(AMIN))
+        if lengths is not None:
+            frames = 1 + lengths.clamp_min(cfg.n_fft) // cfg.hop_length
+            valid = torch.arange(db.shape[-1], device=db.device) < frames[:, None]
+            db = db.masked_fill(~valid[:, None, :], -torch.inf)
+        db = db - db.amax(dim=(-2, -1), keepdim=True)
+        return db.clamp_min(cfg.floor_db)
+
+
+def log_mel(waveform: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    """Log-mel spectrogram of one mono clip, ``(n_mels, frames)`` float32, in dB."""
+    with torch.inference_mode():
+        return LogMel(config)(torch.from_numpy(np.asarray(waveform, np.float32))[None])[0].numpy()
+
+
+def colorize(db: np.ndarray, floor_db: float, cmap: str = "magma") -> np.ndarray:
+    """Map a log-mel in dB (``floor_db`` .. 0) to RGB uint8 ``(n_mels, frames, 3)``.
+
+    Rows are flipped so low frequencies are at the bottom, as in ``specshow``.
+    Uses matplotlib's colour map lookup only; no figure is created.
+    """
+    scaled = np.clip(1.0 - np.asarray(db, np.float32) / floor_db, 0.0, 1.0)
+    return matplotlib.colormaps[cmap](scaled[::-1], bytes=True)[..., :3]

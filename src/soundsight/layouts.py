@@ -1,0 +1,287 @@
+"""Dataset layouts: from a folder of labelled clips to one table of clips.
+
+Every layout yields the same :class:`pandas.DataFrame`, one row per clip:
+
+=========  =============================================================
+path       absolute path of the audio file (str)
+label      class name (str), or missing for unlabelled clips
+fold       the dataset's own fold number (Int64), where it has folds
+group      clips that must stay on one side of a split (str), e.g. the
+           ESC-50 source recording or the FSDD speaker
+verified   FSDKaggle2018 ``manually_verified`` flag (boolean)
+=========  =============================================================
+
+Layouts are looked up by name in :data:`LAYOUTS`; :func:`detect_layout` picks one
+from the files present.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from .audio import AUDIO_EXTENSIONS
+
+COLUMNS = ("path", "label", "fold", "group", "verified")
+
+
+class DatasetError(ValueError):
+    """A dataset folder or manifest that cannot be read as clips."""
+
+
+def _table(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Normalise a layout's rows: all columns, typed, absolute paths, no duplicates."""
+    frame = frame.copy()
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = pd.NA
+    frame = frame[list(COLUMNS)]
+    frame["path"] = [str((root / p).resolve()) for p in frame["path"]]
+    frame["label"] = frame["label"].astype("string").str.strip()
+    frame["fold"] = frame["fold"].astype("Int64")
+    frame["group"] = frame["group"].astype("string")
+    frame["verified"] = frame["verified"].astype("boolean")
+    duplicated = frame["path"].duplicated()
+    if duplicated.any():
+        conflicting = frame[frame["path"].isin(frame.loc[duplicated, "path"])]
+        conflicts = conflicting.groupby("path")["label"].nunique(dropna=False)
+        detail = "; different labels for " + ", ".join(conflicts[conflicts > 1].index[:3])
+        warnings.warn(
+            f"{root}: {int(duplicated.sum())} duplicate rows dropped, keeping the first of each "
+            f"(e.g. {frame.loc[duplicated, 'path'].iloc[0]})"
+            + (detail if (conflicts > 1).any() else ""),
+            stacklevel=3,
+        )
+        frame = frame[~duplicated]
+    return frame.reset_index(drop=True)
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise DatasetError(f"{path}: cannot read CSV ({err})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(frame.columns)}"
+        )
+    return frame
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+    )
+
+
+def fsdkaggle2018(root: Path, split: str = "train") -> pd.DataFrame:
+    """FSDKaggle2018: ``train.csv`` + ``audio_train/``; test side ``audio_test/`` with
+    ``test_post_competition.csv`` (labelled) or ``sample_submission.csv`` (unlabelled)."""
+    if split == "train":
+        frame = _read_csv(root / "train.csv", ("fname", "label"))
+        verified = frame.get("manually_verified")
+        return _table(
+            pd.DataFrame(
+                {
+                    "path": "audio_train/" + frame["fname"],
+                    "label": frame["label"],
+                    "verified": None if verified is None else verified.astype(int).astype(bool),
+                }
+            ),
+            root,
+        )
+    if split != "test":
+        raise DatasetError(f"{root}: split must be 'train' or 'test', not {split!r}")
+    labelled = root / "test_post_competition.csv"
+    if labelled.exists():
+        frame = _read_csv(labelled, ("fname", "label"))
+        if "usage" in frame:
+            frame = frame[frame["usage"] != "Ignored"]
+        return _table(
+            pd.DataFrame({"path": "audio_test/" + frame["fname"], "label": frame["label"]}), root
+        )
+    frame = _read_csv(root / "sample_submission.csv", ("fname",))
+    return _table(pd.DataFrame({"path": "audio_test/" + frame["fname"]}), root)
+
+
+def esc50(root: Path, split: str = "train") -> pd.DataFrame:
+    """ESC-50: ``meta/esc50.csv`` + ``audio/``; ``fold`` kept, ``src_file`` as group."""
+    del split  # ESC-50 has folds, not a test side: use the folds for evaluation.
+    frame = _read_csv(root / "meta" / "esc50.csv", ("filename", "fold", "category"))
+    group = frame.get("src_file", None)
+    return _table(
+        pd.DataFrame(
+            {
+                "path": "audio/" + frame["filename"],
+                "label": frame["category"],
+                "fold": frame["fold"].astype(int),
+                "group": group,
+            }
+        ),
+        root,
+    )
+
+
+def folder(root: Path, split: str = "train") -> pd.DataFrame:
+    """One sub-folder per class: ``ROOT/<label>/*.{wav,flac,ogg,mp3}``."""
+    del split
+    rows = [
+        {"path": p, "label": sub.name}
+        for sub in sorted(p for p in root.iterdir() if p.is_dir())
+        for p in _audio_files(sub)
+    ]
+    if not rows:
+        raise DatasetError(f"{root}: no audio files in class sub-folders")
+    return _table(pd.DataFrame(rows), root)
+
+
+def regex(
+    root: Path,
+    split: str = "train",
+    label_regex: str | None = None,
+    group_regex: str | None = None,
+) -> pd.DataFrame:
+    """Labels from file names: the first group of ``label_regex`` searched in each
+    file name (e.g. FSDD ``^(\\d+)_``); optional ``group_regex`` likewise."""
+    del split
+    if not label_regex:
+        raise DatasetError("the regex layout needs --label-regex, e.g. '^(\\d+)_'")
+    pattern = re.compile(label_regex)
+    group_pattern = re.compile(group_regex) if group_regex else None
+    rows, unmatched = [], []
+    for path in _audio_files(root):
+        match = pattern.search(path.name)
+        if not match:
+            unmatched.append(path.name)
+            continue
+        group = group_pattern.search(path.name) if group_pattern else None
+        rows.append(
+            {
+                "path": path,
+                "label": match.group(1) if pattern.groups else match.group(0),
+                "group": group.group(1) if group else None,
+            }
+        )
+    if unmatched:
+        warnings.warn(
+            f"{root}: {len(unmatched)} files do not match {label_regex!r} and are left out "
+            f"(e.g. {unmatched[0]})",
+            stacklevel=2,
+        )
+    if not rows:
+        raise DatasetError(f"{root}: no audio file name matches {label_regex!r}")
+    return _table(pd.DataFrame(rows), root)
+
+
+def fsdd(root: Path, split: str = "train") -> pd.DataFrame:
+    """Free Spoken Digit Dataset: ``{digit}_{speaker}_{index}.wav``; speaker is the
+    group; the official split puts index 0-4 in ``test``, 5-49 in ``train``."""
+    folder_ = root / "recordings" if (root / "recordings").is_dir() else root
+    frame = regex(folder_, label_regex=r"^(\d+)_", group_regex=r"^\d+_([^_]+)_")
+    index = frame["path"].str.extract(r"_(\d+)\.\w+$")[0].astype(int)
+    if split not in ("train", "test", "all"):
+        raise DatasetError(f"{root}: split must be 'train', 'test' or 'all', not {split!r}")
+    if split == "all":
+        return frame
+    keep = index < 5 if split == "test" else index >= 5
+    return frame[keep].reset_index(drop=True)
+
+
+def csv_layout(
+    root: Path,
+    split: str = "train",
+    csv: str | None = None,
+    path_column: str = "path",
+    label_column: str | None = "label",
+) -> pd.DataFrame:
+    """Any CSV with a file column and an optional label column; file paths are
+    relative to ``root`` (or absolute). Optional ``fold``/``group`` columns are kept."""
+    del split
+    if not csv:
+        raise DatasetError("the csv layout needs --csv FILE (and --path-column/--label-column)")
+    csv_path = Path(csv) if Path(csv).is_absolute() else root / csv
+    frame = _read_csv(csv_path, (path_column,))
+    if label_column and label_column not in frame:
+        raise DatasetError(f"{csv_path}: no label column {label_column!r}")
+    table = pd.DataFrame({"path": frame[path_column]})
+    if label_column:
+        table["label"] = frame[label_column]
+    for column in ("fold", "group"):
+        if column in frame:
+            table[column] = pd.to_numeric(frame[column]) if column == "fold" else frame[column]
+    return _table(table, root)
+
+
+#: Layout name -> reader(root, split, **options).
+LAYOUTS: dict[str, Callable[..., pd.DataFrame]] = {
+    "fsdkaggle2018": fsdkaggle2018,
+    "esc50": esc50,
+    "fsdd": fsdd,
+    "folder": folder,
+    "regex": regex,
+    "csv": csv_layout,
+}
+
+_FSDD_NAME = re.compile(r"^\d+_[^_]+_\d+\.wav$")
+
+
+def detect_layout(root: str | Path) -> str:
+    """Name of the layout whose marker files exist under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    if (root / "train.csv").is_file() and (root / "audio_train").is_dir():
+        return "fsdkaggle2018"
+    if (root / "meta" / "esc50.csv").is_file() and (root / "audio").is_dir():
+        return "esc50"
+    recordings = root / "recordings" if (root / "recordings").is_dir() else root
+    names = [p.name for p in recordings.glob("*.wav")][:50]
+    if names and all(_FSDD_NAME.match(n) for n in names):
+        return "fsdd"
+    subdirs = [p for p in root.iterdir() if p.is_dir()]
+    if any(_audio_files(d) for d in subdirs):
+        return "folder"
+    if not _audio_files(root):
+        raise DatasetError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
+    raise DatasetError(
+        f"{root}: unknown layout. Looked for train.csv + audio_train/ (fsdkaggle2018), "
+        "meta/esc50.csv + audio/ (esc50), recordings/{digit}_{speaker}_{n}.wav (fsdd), "
+        "<label>/ sub-folders of audio (folder). Name one with --layout, e.g. "
+        "--layout regex --label-regex '^(\\w+)-' or --layout csv --csv labels.csv"
+    )
+
+
+def load_dataset(
+    root: str | Path, layout: str | None = None, split: str = "train", **options
+) -> pd.DataFrame:
+    """Read the clips of a dataset as a table (see the module docstring).
+
+    Parameters
+    ----------
+    root : str or Path
+        The dataset folder.
+    layout : str, optional
+        A name in :data:`LAYOUTS`; detected from the files present when omitted.
+    split : str
+        ``"train"`` or ``"test"`` for layouts with a test side (FSDKaggle2018, FSDD).
+    **options
+        Layout options: ``label_regex``/``group_regex`` (regex), ``csv``,
+        ``path_column``, ``label_column`` (csv).
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    name = layout or detect_layout(root)
+    if name not in LAYOUTS:
+        raise DatasetError(f"unknown layout {name!r}; choose from {', '.join(LAYOUTS)}")
+    table = LAYOUTS[name](root, split, **options)
+    if table.empty:
+        raise DatasetError(f"{root}: the {name} layout found no clips for split {split!r}")
+    table.attrs["layout"] = name
+    table.attrs["root"] = str(root)
+    return table

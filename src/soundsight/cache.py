@@ -67,14 +67,20 @@ class FeatureCache:
     """
 
     def __init__(self, root: str | os.PathLike, config: FeatureConfig | None = None):
-        self.root = Path(root)
+        root = Path(root)
+        if (root / "config.json").is_file():
+            # ``root`` is one config's folder itself: it must hold the features asked for.
+            stored = _read_config(root / "config.json")
+            if config is not None and stored != config:
+                raise CacheError(
+                    f"{root} holds features made with different parameters "
+                    f"({_differences(stored, config)}); refusing to mix them. Use the "
+                    f"cache's parent folder, and the right features are prepared beside them"
+                )
+            root, config = root.parent, stored
+        self.root = root
         self.config = config or self._only_config(self.root)
         self.folder = self.root / self.config.digest
-        config_file = self.folder / "config.json"
-        if config_file.exists():
-            stored = config_from_dict(FeatureConfig, json.loads(config_file.read_text()))
-            if stored != self.config:
-                raise CacheError(f"{config_file}: holds {stored}, not {self.config}")
 
     @staticmethod
     def _only_config(root: Path) -> FeatureConfig:
@@ -82,7 +88,7 @@ class FeatureCache:
         if len(configs) != 1:
             found = f"{len(configs)} configs" if configs else "no prepared features"
             raise CacheError(f"{root}: {found}; name the FeatureConfig to use")
-        return config_from_dict(FeatureConfig, json.loads(configs[0].read_text()))
+        return _read_config(configs[0])
 
     def entry(self, path: str | os.PathLike) -> Path:
         """Where the features of the clip at ``path`` (as it is now) are stored."""
@@ -128,14 +134,31 @@ class FeatureCache:
         host = socket.gethostname()
         removed = 0
         for tmp in self.folder.glob("clips/*/*.tmp"):
-            parts = tmp.name.split(".")
-            if len(parts) >= 4 and parts[-3] == host and not _pid_alive(int(parts[-2])):
+            # <key>.<host>.<pid>.tmp, where the host name may itself contain dots.
+            _, _, rest = tmp.name.removesuffix(".tmp").partition(".")
+            writer_host, _, pid = rest.rpartition(".")
+            if writer_host == host and pid.isdigit() and not _pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("clips/*/*.npy"))
+
+
+def _read_config(path: Path) -> FeatureConfig:
+    try:
+        return config_from_dict(FeatureConfig, json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise CacheError(f"{path}: not a feature config ({err})") from None
+
+
+def _differences(a: FeatureConfig, b: FeatureConfig) -> str:
+    return ", ".join(
+        f"{name} {getattr(a, name)} vs {getattr(b, name)}"
+        for name in a.__dataclass_fields__
+        if getattr(a, name) != getattr(b, name)
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -253,6 +276,7 @@ def run_clip_jobs(
 
         if workers == 0 or len(chunks) <= 1:
             previous = dict(_WORKER)
+            threads = torch.get_num_threads()  # _init_worker sets 1; the caller's is restored
             _init_worker(setup, setup_args)
             try:
                 for chunk in chunks:
@@ -260,6 +284,7 @@ def run_clip_jobs(
             finally:
                 _WORKER.clear()
                 _WORKER.update(previous)
+                torch.set_num_threads(threads)
         else:
             # fork, as torch's DataLoader does: workers inherit the imported libraries
             # (spawn/forkserver re-import torch and librosa, ~4 s, longer than preparing

@@ -6,12 +6,16 @@ import argparse
 import sys
 import warnings
 from dataclasses import fields
+from pathlib import Path
+
+import pandas as pd
 
 from .audio import AudioError
 from .cache import CacheError, prepare
 from .features import FeatureConfig
 from .images import export_images
-from .layouts import LAYOUTS, DatasetError, load_dataset
+from .layouts import LAYOUTS, TEST_SIDES, DatasetError, load_dataset
+from .models import ENCODINGS, ModelConfig, ModelFileError, WeightsError
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +110,254 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    from .training import TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument(
+        "--cache", help="feature cache folder (default: $SOUNDSIGHT_CACHE or ~/.cache/soundsight)"
+    )
+    group = parser.add_argument_group("recipe (defaults are the measured default recipe)")
+    group.add_argument(
+        "--recipe",
+        choices=("default", "seed"),
+        default="default",
+        help="'seed' reproduces the blog: whole clip squashed to 224x224, "
+        "ImageNet normalisation, no augmentation, stage 2 at 1e-5/1e-4",
+    )
+    group.add_argument(
+        "--backbone",
+        default=ModelConfig.backbone,
+        help="any timm model name, e.g. resnet34 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--weights",
+        default="default",
+        help="'default' (offline EfficientNet-Lite0 checkpoint, else the hub), "
+        "'hub', 'none', or a .pth/.safetensors file",
+    )
+    group.add_argument(
+        "--no-pretrained", action="store_true", help="random initial weights, for comparison"
+    )
+    group.add_argument("--encoding", choices=ENCODINGS, help="log-mel to RGB (default magma)")
+    group.add_argument("--input-scale", type=float, help="upsample log-mels by this factor")
+    group.add_argument(
+        "--crop-seconds",
+        type=float,
+        help="training crop / sliding window (default: from clip durations)",
+    )
+    group.add_argument(
+        "--epochs",
+        type=int,
+        help=f"total epochs, split 1 : rest between stages (default {defaults.epochs})",
+    )
+    group.add_argument("--stage1-epochs", type=int, help="epochs with the body frozen")
+    group.add_argument("--stage2-epochs", type=int, help="epochs with everything trainable")
+    group.add_argument(
+        "--lr", help=f"head learning rate, or 'auto' for the LR finder (default {defaults.lr})"
+    )
+    group.add_argument(
+        "--body-lr", type=float, help=f"body learning rate in stage 2 (default {defaults.body_lr})"
+    )
+    for name in (
+        "batch_size",
+        "mixup",
+        "freq_masks",
+        "time_masks",
+        "unverified_weight",
+        "label_smoothing",
+        "weight_decay",
+        "seed",
+        "num_workers",
+    ):
+        kind = type(getattr(defaults, name))
+        group.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, help=f"(default {getattr(defaults, name)})"
+        )
+    group.add_argument("--balanced", action="store_true", help="class-balanced sampling")
+    group.add_argument("--devices", default="auto", help="Lightning devices (default auto)")
+    group.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (default 1)")
+
+
+def _recipe(args: argparse.Namespace):
+    """ModelConfig and TrainConfig from --recipe plus any explicit overrides."""
+    from dataclasses import replace
+
+    from .training import TrainConfig, seed_recipe
+
+    if args.recipe == "seed":
+        model, config = seed_recipe(args.epochs or TrainConfig().epochs)
+    else:
+        model, config = ModelConfig(), TrainConfig()
+    model_overrides = {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "encoding": args.encoding,
+        "input_scale": args.input_scale,
+        "crop_seconds": args.crop_seconds,
+    }
+    model = replace(model, **{k: v for k, v in model_overrides.items() if v is not None})
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "body_lr",
+            "batch_size",
+            "mixup",
+            "freq_masks",
+            "time_masks",
+            "unverified_weight",
+            "label_smoothing",
+            "weight_decay",
+            "seed",
+            "num_workers",
+            "stage1_epochs",
+            "stage2_epochs",
+        )
+    }
+    if args.balanced:
+        overrides["balanced"] = True
+    if args.lr not in (None, "auto"):
+        overrides["lr"] = float(args.lr)
+    if args.epochs and args.recipe != "seed":
+        overrides.setdefault("stage1_epochs", None)
+        stage1 = overrides["stage1_epochs"] or min(config.stage1_epochs, args.epochs - 1)
+        overrides["stage1_epochs"], overrides["stage2_epochs"] = stage1, args.epochs - stage1
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return model, config
+
+
+def _train_valid(args: argparse.Namespace):
+    """Training clips and validation clips: the dataset's own test side where it has a
+    labelled one, else None (train holds out a grouped, stratified 20%)."""
+    table = _dataset(args, "train")
+    if table.attrs["layout"] in TEST_SIDES:
+        valid = _dataset(args, "test")
+        if valid["label"].notna().all():
+            return table, valid
+    return table, None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    clips, valid = _train_valid(args)
+    model, config = _recipe(args)
+    result = train(
+        clips,
+        args.out,
+        valid=valid,
+        features=_features(args),
+        model=model,
+        config=config,
+        cache=args.cache,
+        resume=args.resume,
+        pretrained=not args.no_pretrained,
+        lr_find=args.lr == "auto",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+    )
+    _print_scores("validation", result.metrics)
+    print(f"model written to {result.model_path}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .training import lr_find
+
+    model, config = _recipe(args)
+    suggestion = lr_find(
+        _dataset(args, "train"), args.out, _features(args), model, config, args.cache
+    )
+    print(f"suggested learning rate: {suggestion:.2e}; plot: {Path(args.out) / 'lr_find.png'}")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from .training import SUMMARY, cross_validate
+
+    model, config = _recipe(args)
+    result = cross_validate(
+        _dataset(args, "train"),
+        args.out,
+        args.folds,
+        _features(args),
+        model,
+        config,
+        args.cache,
+        pretrained=not args.no_pretrained,
+    )
+    print(pd.DataFrame(result.folds).to_string(index=False))
+    for key in SUMMARY[1:]:
+        print(f"{key}: {result.mean[key]:.4f} +- {result.std[key]:.4f}")
+    print(f"results: {Path(args.out) / 'cv.json'}")
+    return 0
+
+
+def _print_scores(what: str, metrics: dict) -> None:
+    print(
+        f"{what}: {metrics['clips']} clips, accuracy {metrics['accuracy']:.4f}, "
+        f"error rate {metrics['error_rate']:.4f}, MAP@3 {metrics['map3']:.4f}"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .prediction import evaluate
+    from .training import write_metrics
+
+    clips = _dataset(args)
+    metrics, frame, failures = evaluate(args.model, clips, args.cache)
+    _print_scores(f"{args.data} ({args.split})", metrics)
+    print(metrics["per_class"].to_string(index=False, float_format="%.3f"))
+    if len(metrics["most_confused"]):
+        print("most confused (true -> predicted):")
+        print(metrics["most_confused"].head(10).to_string(index=False))
+    if args.out:
+        labels = list(frame.columns[2:])
+        targets = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_metrics(
+            Path(args.out),
+            metrics,
+            labels,
+            frame["path"].tolist(),
+            frame[labels].to_numpy(),
+            targets,
+        )
+        print(f"metrics written to {args.out}")
+    return _report_failures(failures)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .prediction import Classifier, audio_files, submission
+
+    if args.data:
+        paths = list(load_dataset(args.data, args.layout, args.split)["path"])
+    else:
+        paths = audio_files(args.paths)
+    if not paths:
+        raise DatasetError(f"no audio files in {', '.join(args.paths or [args.data])}")
+    classifier = Classifier.load(args.model)
+    frame, failures = classifier.predict_files(paths, workers=args.workers)
+    result = submission(frame, classifier.labels, args.top_k)
+    if args.out:
+        result.to_csv(args.out, index=False)
+        print(f"{len(result)} predictions written to {args.out}")
+    else:
+        print(result.to_string(index=False))
+    if args.probabilities:
+        frame.to_csv(args.probabilities, index=False)
+    return _report_failures(failures)
+
+
+def _report_failures(failures: list[tuple[str, str]]) -> int:
+    if failures:
+        print(f"{len(failures)} files could not be read:", file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="soundsight",
@@ -139,6 +391,77 @@ def build_parser() -> argparse.ArgumentParser:
     _add_feature_args(p)
     _add_workers(p)
     p.set_defaults(func=cmd_export_images)
+
+    p = commands.add_parser(
+        "train",
+        help="fine-tune an ImageNet backbone on a dataset",
+        description="Fine-tune in two stages (head, then all with "
+        "discriminative learning rates), validate on the dataset's test "
+        "side or a grouped 20%% hold-out, and write RUN/model.safetensors.",
+    )
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_training_args(p)
+    _add_feature_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser(
+        "lr-find",
+        help="learning-rate range test (plot + suggestion)",
+        description="Run Lightning's LR range test on the unfrozen "
+        "network; save OUT/lr_find.png and print the suggested rate.",
+    )
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, help="folder for lr_find.png")
+    _add_training_args(p)
+    _add_feature_args(p)
+    p.set_defaults(func=cmd_lr_find)
+
+    p = commands.add_parser(
+        "cv",
+        help="k-fold cross-validation (stratified, grouped)",
+        description="Train one model per fold: the dataset's own folds "
+        "when it has --folds of them, else stratified folds grouped by "
+        "source recording or speaker; report mean and spread.",
+    )
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, help="folder for the fold runs and cv.json")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    _add_training_args(p)
+    _add_feature_args(p)
+    p.set_defaults(func=cmd_cv)
+
+    p = commands.add_parser(
+        "evaluate",
+        help="score a model on labelled clips",
+        description="Accuracy, MAP@3, per-class precision/recall/F1, "
+        "confusion matrix and most-confused pairs on labelled clips "
+        "(default: the dataset's test side where it has one).",
+    )
+    p.add_argument("model", help="model file (model.safetensors)")
+    _add_dataset_args(p)
+    p.set_defaults(split="test")
+    p.add_argument("--out", help="folder for metrics.json, per_class.csv, confusion.csv, ...")
+    p.add_argument("--cache", help="feature cache folder")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser(
+        "predict",
+        help="label audio files with a trained model",
+        description="Top-k labels per file (sliding windows averaged "
+        "over long clips), in the Kaggle submission format.",
+    )
+    p.add_argument("model", help="model file (model.safetensors)")
+    p.add_argument("paths", nargs="*", help="audio files or folders")
+    p.add_argument("--data", help="predict a dataset's clips instead (see --split)")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), help="layout of --data")
+    p.add_argument("--split", default="test", help="side of --data to predict (default test)")
+    p.add_argument("--top-k", type=int, default=3, help="labels per file (default 3)")
+    p.add_argument("--out", help="CSV file for fname,label (default: print)")
+    p.add_argument("--probabilities", help="also write per-class probabilities to this CSV")
+    _add_workers(p)
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -148,7 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     try:
         return args.func(args)
-    except (DatasetError, AudioError, CacheError, ValueError) as err:
+    except (
+        DatasetError,
+        AudioError,
+        CacheError,
+        ModelFileError,
+        WeightsError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -68,7 +68,8 @@ class FeatureConfig:
 
     @property
     def floor_db(self) -> float:
-        """Lowest value a spectrogram can hold (silence)."""
+        """Lowest value a spectrogram holds (``-top_db``); silence, padding and the
+        bottom of colour maps. Without ``top_db``, -100 dB (the ``amin`` floor)."""
         return -(self.top_db if self.top_db is not None else 100.0)
 
     def num_frames(self, num_samples: int) -> int:
@@ -103,7 +104,8 @@ class LogMel(torch.nn.Module):
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Log-mel of each row; ``lengths`` (samples) marks each clip's true end.
 
-        Frames past a clip's end (``config.num_frames(length)``) are set to the floor.
+        Frames past a clip's end (``config.num_frames(length)``) do not count towards
+        the reference; callers drop them.
         """
         cfg = self.config
         if waveforms.shape[-1] < cfg.n_fft:
@@ -124,7 +126,7 @@ class LogMel(torch.nn.Module):
             valid = torch.arange(db.shape[-1], device=db.device) < frames[:, None]
             db = db.masked_fill(~valid[:, None, :], -torch.inf)
         db = db - db.amax(dim=(-2, -1), keepdim=True)
-        return db.clamp_min(cfg.floor_db)
+        return db if cfg.top_db is None else db.clamp_min(cfg.floor_db)
 
 
 def log_mel(waveform: np.ndarray, config: FeatureConfig) -> np.ndarray:

@@ -30,12 +30,14 @@ def image_paths(table: pd.DataFrame, out: Path) -> dict[str, Path]:
     """PNG path for each clip: ``out/<label>/<clip name>.png`` (``out/<clip name>.png``
     when unlabelled); clips whose names collide get their parent folder's name too."""
     targets: dict[str, Path] = {}
+    taken: set[Path] = set()  # not targets.values(): that makes this quadratic
     for path, label in zip(table["path"], table["label"], strict=True):
         folder = out / str(label) if pd.notna(label) else out
         target = folder / f"{Path(path).stem}.png"
-        if target in targets.values():
+        if target in taken:
             target = folder / f"{Path(path).parent.name}_{Path(path).stem}.png"
         targets[str(path)] = target
+        taken.add(target)
     return targets
 
 

@@ -227,6 +227,9 @@ LAYOUTS: dict[str, Callable[..., pd.DataFrame]] = {
     "csv": csv_layout,
 }
 
+#: Layouts with a separate test side (``split="test"``); others hold one pool of clips.
+TEST_SIDES = ("fsdkaggle2018", "fsdd")
+
 _FSDD_NAME = re.compile(r"^\d+_[^_]+_\d+\.wav$")
 
 

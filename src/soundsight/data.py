@@ -1,0 +1,134 @@
+"""From cached log-mels to model inputs: crops, sliding windows, squashed images.
+
+A clip of any length becomes fixed-size views:
+
+* ``crop`` mode (the default recipe): training takes one random ``frames``-long time
+  crop; evaluation and prediction take sliding windows (half overlap) whose
+  probabilities are averaged. Short clips are padded with silence.
+* ``squash`` mode (the blog's recipe): the whole clip resized to ``size`` x ``size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache import FeatureCache
+
+if TYPE_CHECKING:
+    from .features import FeatureConfig
+    from .models import ModelConfig
+
+
+@dataclass(frozen=True)
+class ClipView:
+    """How a clip's log-mel ``(n_mels, T)`` becomes fixed-size model views.
+
+    Exactly one of ``frames`` (crop mode) and ``size`` (squash mode) is set.
+    """
+
+    floor_db: float
+    frames: int | None = None
+    size: int | None = None
+
+    def __post_init__(self):
+        if (self.frames is None) == (self.size is None):
+            raise ValueError("set exactly one of frames (crop) or size (squash)")
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, features: FeatureConfig) -> ClipView:
+        """The views a model was trained on: squash to ``image_size``, or crops of
+        ``crop_seconds``."""
+        if model.image_size is not None:
+            return cls(features.floor_db, size=model.image_size)
+        if model.crop_seconds is None:
+            raise ValueError("the model config has no crop_seconds (train resolves it)")
+        frames = max(1, round(model.crop_seconds * features.sample_rate / features.hop_length))
+        return cls(features.floor_db, frames=frames)
+
+    def _fit(self, db: np.ndarray, start: int) -> np.ndarray:
+        """``frames`` columns from ``start``; silence where the clip has none."""
+        window = np.asarray(db[:, max(start, 0) : start + self.frames], dtype=np.float32)
+        if window.shape[1] == self.frames:
+            return window
+        out = np.full((db.shape[0], self.frames), self.floor_db, np.float32)
+        offset = max(-start, 0)
+        out[:, offset : offset + window.shape[1]] = window
+        return out
+
+    def _squash(self, db: np.ndarray) -> np.ndarray:
+        image = torch.from_numpy(np.asarray(db, dtype=np.float32))[None, None]
+        return F.interpolate(image, size=(self.size, self.size), mode="bilinear")[0, 0].numpy()
+
+    def random(self, db: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
+        """One training view: a random crop (short clips at a random offset in silence)."""
+        if self.size is not None:
+            return self._squash(db)
+        spare = db.shape[1] - self.frames
+        shift = int(torch.randint(0, abs(spare) + 1, (1,), generator=generator))
+        return self._fit(db, shift if spare >= 0 else -shift)
+
+    def windows(self, db: np.ndarray) -> np.ndarray:
+        """All evaluation views ``(k, n_mels, frames)``: sliding windows with half
+        overlap covering the clip (a short clip is one centred, padded window)."""
+        if self.size is not None:
+            return self._squash(db)[None]
+        length = db.shape[1]
+        if length <= self.frames:
+            return self._fit(db, -((self.frames - length) // 2))[None]
+        hop = max(self.frames // 2, 1)
+        starts = list(range(0, length - self.frames + 1, hop))
+        if starts[-1] != length - self.frames:
+            starts.append(length - self.frames)
+        return np.stack([self._fit(db, s) for s in starts])
+
+
+class CachedClips(torch.utils.data.Dataset):
+    """Clips read from a :class:`FeatureCache` (memory-mapped, never decoded).
+
+    Items are ``(view, target, weight)`` with ``view`` of shape ``(1, H, W)`` for
+    training (one random view) or ``(k, 1, H, W)`` for evaluation (all windows).
+    """
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        paths: Sequence[str],
+        targets: Sequence[int],
+        view: ClipView,
+        train: bool,
+        weights: Sequence[float] | None = None,
+    ):
+        self.cache = cache
+        self.paths = list(paths)
+        self.targets = torch.as_tensor(list(targets), dtype=torch.long)
+        self.weights = (
+            torch.ones(len(self.paths))
+            if weights is None
+            else torch.as_tensor(list(weights), dtype=torch.float32)
+        )
+        self.view = view
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        db = self.cache.load(self.paths[index])
+        if self.train:
+            x = torch.from_numpy(self.view.random(db))[None]
+        else:
+            x = torch.from_numpy(self.view.windows(db))[:, None]
+        return x, self.targets[index], self.weights[index]
+
+
+def collate_windows(items):
+    """Batch evaluation items: all windows stacked, plus each clip's window count."""
+    views, targets, weights = zip(*items, strict=True)
+    counts = torch.tensor([v.shape[0] for v in views])
+    return torch.cat(views), torch.stack(targets), torch.stack(weights), counts

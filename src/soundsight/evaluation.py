@@ -1,0 +1,120 @@
+"""Scoring predictions and splitting datasets into honest folds."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+
+def map_at_k(probabilities: np.ndarray, targets: np.ndarray, k: int = 3) -> float:
+    """Mean average precision at ``k`` for single-label clips (the FSDKaggle2018
+    metric): 1/rank of the true label when it is in the top ``k``, else 0."""
+    top = np.argsort(-probabilities, axis=1)[:, :k]
+    hits = top == np.asarray(targets)[:, None]
+    return float((hits / np.arange(1, k + 1)).sum(axis=1).mean())
+
+
+def score(probabilities: np.ndarray, targets: Sequence[int], labels: Sequence[str]) -> dict:
+    """Accuracy, error rate, MAP@3, per-class precision/recall/F1, confusion matrix
+    (rows true, columns predicted) and the most-confused pairs."""
+    targets = np.asarray(targets)
+    predicted = probabilities.argmax(axis=1)
+    classes = np.arange(len(labels))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, predicted, labels=classes, zero_division=0
+    )
+    confusion = confusion_matrix(targets, predicted, labels=classes)
+    accuracy = float((predicted == targets).mean())
+    return {
+        "clips": int(len(targets)),
+        "accuracy": accuracy,
+        "error_rate": 1.0 - accuracy,
+        "map3": map_at_k(probabilities, targets, min(3, len(labels))),
+        "per_class": pd.DataFrame(
+            {
+                "label": list(labels),
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "support": support,
+            }
+        ),
+        "confusion": confusion,
+        "most_confused": most_confused(confusion, labels),
+    }
+
+
+def most_confused(confusion: np.ndarray, labels: Sequence[str], min_count: int = 1) -> pd.DataFrame:
+    """Off-diagonal (true, predicted) pairs by count, largest first."""
+    true, pred = np.nonzero(confusion - np.diag(np.diag(confusion)) >= min_count)
+    frame = pd.DataFrame(
+        {
+            "true": [labels[i] for i in true],
+            "predicted": [labels[j] for j in pred],
+            "count": confusion[true, pred],
+        }
+    )
+    return frame.sort_values(["count", "true"], ascending=[False, True]).reset_index(drop=True)
+
+
+def make_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """Validation row indices of each fold, stratified by label.
+
+    Uses the dataset's own ``fold`` column when it has exactly ``n_folds`` folds;
+    otherwise folds grouped by ``group`` (clips of one source recording or speaker
+    never straddle a split) when groups exist, else plain stratified folds.
+    Labels with fewer clips than folds cannot appear in every fold: a warning says
+    which, and they land in the training side of the folds that lack them.
+    """
+    labels = table["label"].astype(str).to_numpy()
+    if table["fold"].notna().all() and table["fold"].nunique() == n_folds:
+        return [
+            np.flatnonzero(table["fold"].to_numpy() == f) for f in sorted(table["fold"].unique())
+        ]
+    counts = pd.Series(labels).value_counts()
+    rare = counts[counts < n_folds]
+    if len(rare):
+        warnings.warn(
+            f"{len(rare)} labels have fewer clips than the {n_folds} folds "
+            f"({', '.join(f'{k!r}: {v}' for k, v in rare.head(5).items())}); they are "
+            "validated only in the folds that receive them and trained on in the others",
+            stacklevel=2,
+        )
+    index = np.arange(len(table))
+    with warnings.catch_warnings():
+        # sklearn's own warning about small classes says less than ours above.
+        warnings.filterwarnings("ignore", message="The least populated class")
+        if table["group"].notna().all():
+            splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+            splits = splitter.split(index, labels, table["group"].astype(str).to_numpy())
+        else:
+            splits = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(index, labels)
+        return [valid for _, valid in splits]
+
+
+def holdout(
+    table: pd.DataFrame, fraction: float = 0.2, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split into (train, valid) with about ``fraction`` held out, as one fold of
+    :func:`make_folds` (so stratified and grouped the same way)."""
+    n_folds = max(2, round(1 / fraction))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fewer clips than the")
+        valid = make_folds(table.assign(fold=pd.NA), n_folds, seed)[0]
+    rare = table["label"].value_counts()
+    singles = list(rare[rare < 2].index)
+    if singles:
+        warnings.warn(
+            f"{len(singles)} labels have a single clip ({', '.join(map(repr, singles[:5]))}); "
+            "they are kept for training and cannot be validated",
+            stacklevel=2,
+        )
+        valid = valid[~table["label"].iloc[valid].isin(singles).to_numpy()]
+    mask = np.zeros(len(table), bool)
+    mask[valid] = True
+    return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)

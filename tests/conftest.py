@@ -1,0 +1,186 @@
+"""Shared fixtures: the real datasets in ../shared/datasets, small real subsets of
+them (symlinked, never copied), and generated clips (sines, noise, broken files)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+
+FSDD_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+#: 20 real FSDD clips: two per digit, different speakers and indices (test and train side).
+FSDD_SAMPLE = tuple(
+    name
+    for digit in range(10)
+    for name in (
+        f"{digit}_{FSDD_SPEAKERS[digit % 6]}_{digit % 5}.wav",
+        f"{digit}_{FSDD_SPEAKERS[(digit + 3) % 6]}_{10 + 3 * digit}.wav",
+    )
+)
+#: Rows of ESC-50's meta/esc50.csv taken into the small ESC subset.
+ESC_SAMPLE_ROWS = 10
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    if not (DATASETS / "fsdd").is_dir() or not (DATASETS / "esc50-fold2").is_dir():
+        pytest.skip(f"real datasets not found at {DATASETS} (see its README.md)")
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def fsdd_dir(datasets_dir: Path) -> Path:
+    return datasets_dir / "fsdd"
+
+
+@pytest.fixture(scope="session")
+def esc50_dir(datasets_dir: Path) -> Path:
+    return datasets_dir / "esc50-fold2"
+
+
+@pytest.fixture(scope="session")
+def fsdd_clips(fsdd_dir: Path) -> list[Path]:
+    """The 20 real FSDD files of :data:`FSDD_SAMPLE`."""
+    paths = [fsdd_dir / "recordings" / name for name in FSDD_SAMPLE]
+    missing = [p for p in paths if not p.is_file()]
+    assert not missing, f"FSDD sample files missing: {missing}"
+    return paths
+
+
+@pytest.fixture(scope="session")
+def esc_meta(esc50_dir: Path) -> pd.DataFrame:
+    """The first :data:`ESC_SAMPLE_ROWS` rows of the real ESC-50 metadata."""
+    return pd.read_csv(esc50_dir / "meta" / "esc50.csv", dtype=str).head(ESC_SAMPLE_ROWS)
+
+
+@pytest.fixture(scope="session")
+def esc_clips(esc50_dir: Path, esc_meta: pd.DataFrame) -> list[Path]:
+    return [esc50_dir / "audio" / name for name in esc_meta["filename"]]
+
+
+def _link(target: Path, link: Path) -> Path:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+@pytest.fixture(scope="session")
+def fsdd_subset(tmp_path_factory, fsdd_clips: list[Path]) -> Path:
+    """Folder-per-class dataset (``<digit>/<name>.wav``) of symlinks to 20 real clips.
+
+    Shared by the whole session: treat it as read-only.
+    """
+    root = tmp_path_factory.mktemp("fsdd_subset")
+    for clip in fsdd_clips:
+        _link(clip, root / clip.name.split("_")[0] / clip.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def esc_subset(tmp_path_factory, esc50_dir: Path, esc_meta: pd.DataFrame) -> Path:
+    """ESC-50 layout (``meta/esc50.csv`` trimmed to 10 rows + ``audio/`` symlinks).
+
+    Shared by the whole session: treat it as read-only.
+    """
+    root = tmp_path_factory.mktemp("esc_subset")
+    (root / "meta").mkdir()
+    esc_meta.to_csv(root / "meta" / "esc50.csv", index=False)
+    for name in esc_meta["filename"]:
+        _link(esc50_dir / "audio" / name, root / "audio" / name)
+    return root
+
+
+def sine(freq: float, seconds: float, sr: int, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * sr))) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture
+def write_audio(tmp_path: Path) -> Callable[..., Path]:
+    """``write_audio(name, data, sr, **soundfile_kwargs)`` -> path under tmp_path."""
+
+    def write(name: str, data: np.ndarray, sr: int, **kwargs) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, data, sr, **kwargs)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_sine() -> Callable[..., np.ndarray]:
+    """``make_sine(freq, seconds, sr, amp=0.5)`` -> float32 waveform."""
+    return sine
+
+
+#: Broken clips made by :func:`make_bad_clips`: name -> expected words of the reason.
+BAD_CLIPS = {
+    "empty.wav": "file is empty (0 bytes)",
+    "header_only.wav": "no audio samples",
+    "text.wav": "not a readable audio file",
+    "nan.wav": "contains NaN or infinite samples",
+    "inf.wav": "contains NaN or infinite samples",
+    "truncated.flac": "not a readable audio file",
+}
+
+
+def _make_bad_clips(folder: Path, real_wav: Path, real_flac: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / name for name in BAD_CLIPS}
+    paths["empty.wav"].write_bytes(b"")
+    sf.write(paths["header_only.wav"], np.zeros(0, np.float32), 8000, subtype="PCM_16")
+    paths["text.wav"].write_text("this is a text file, not a WAV\n" * 20)
+    wave = sine(440, 0.5, 8000)
+    wave[100] = np.nan
+    sf.write(paths["nan.wav"], wave, 8000, subtype="FLOAT")
+    wave = sine(440, 0.5, 8000)
+    wave[200] = np.inf
+    sf.write(paths["inf.wav"], wave, 8000, subtype="DOUBLE")
+    data = real_flac.read_bytes()
+    paths["truncated.flac"].write_bytes(data[: len(data) // 2])
+    # A WAV cut in the middle still holds its first half: it decodes (not a failure).
+    data = real_wav.read_bytes()
+    (folder / "truncated_ok.wav").write_bytes(data[: len(data) // 2])
+    return paths
+
+
+@pytest.fixture
+def make_bad_clips(fsdd_clips, esc_clips) -> Callable[[Path], dict[str, Path]]:
+    """``make_bad_clips(folder)`` writes :data:`BAD_CLIPS` (plus ``truncated_ok.wav``,
+    a real WAV cut in half, which decodes) and returns name -> path of the bad ones."""
+    return lambda folder: _make_bad_clips(folder, fsdd_clips[0], esc_clips[0])
+
+
+@pytest.fixture
+def bad_clip_reasons() -> dict[str, str]:
+    return dict(BAD_CLIPS)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run ``soundsight`` in this process: ``run_cli(*args) -> (code, stdout, stderr)``."""
+    from soundsight.cli import main
+
+    # main() sets process-wide warning formatting; keep it to this test.
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit_:
+                code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

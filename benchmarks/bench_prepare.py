@@ -172,8 +172,20 @@ class OtherLoad:
     """CPU time that processes other than this one and its children used while a
     section ran, as a fraction of the machine: the noise in that section's timing."""
 
-    def __init__(self):
+    def __init__(self, wait_idle: float = 0.0):
         self.sections: dict[str, float] = {}
+        self.waited: dict[str, float] = {}
+        self.wait_idle = wait_idle
+
+    def _wait_for_idle(self) -> float:
+        """Wait (at most ``wait_idle`` s) until the machine is idle: less than 10% of
+        it busy for two consecutive seconds. Returns the seconds waited."""
+        start = time.perf_counter()
+        quiet = 0
+        psutil.cpu_percent()
+        while time.perf_counter() - start < self.wait_idle and quiet < 2:
+            quiet = quiet + 1 if psutil.cpu_percent(interval=1.0) < 10 else 0
+        return time.perf_counter() - start
 
     @staticmethod
     def _snapshot() -> tuple[float, float, float]:
@@ -186,6 +198,8 @@ class OtherLoad:
         return time.perf_counter(), busy, own
 
     def measure(self, name: str, fn, *args, **kwargs):
+        if self.wait_idle > 0:
+            self.waited[name] = self._wait_for_idle()
         wall0, busy0, own0 = self._snapshot()
         result = fn(*args, **kwargs)
         wall1, busy1, own1 = self._snapshot()
@@ -735,6 +749,9 @@ def markdown(results: dict) -> str:
         f"{mb(mem['max_single_ru_maxrss_bytes'])}).",
         f"Cache: {results['cache']['esc50_mb_per_hour']:.1f} MB per hour of audio (esc50), "
         f"{results['cache']['combined_mb_per_hour']:.1f} MB/h (fsdd + esc50).",
+        "CPU used by other processes while each section ran (timing noise): "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["other_load"].items())
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 
@@ -753,6 +770,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown-clips", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3, help="fresh-cache prepare/export runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=15.0,
+        help="before each section, wait up to this many seconds for an idle machine "
+        "(default 15; 0 = never wait)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -796,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     blog_paths, warm_path = shuffled[1 : 1 + args.blog_clips], shuffled[0]
 
     results: dict = {"machine": machine, "config": vars(cfg)}
-    others = OtherLoad()
+    others = OtherLoad(args.wait_idle)
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp_name:
         tmp = Path(tmp_name)
         log("\n[1/6] blog recipe ...")
@@ -869,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     results["other_load"] = others.sections
+    results["waited_for_idle_seconds"] = others.waited
     results["total_seconds"] = time.perf_counter() - started
 
     # ---- table
@@ -951,6 +976,11 @@ def main(argv: list[str] | None = None) -> int:
     log(
         "blog and loop: each timed with numpy's BLAS at default threads and at 1 thread; "
         "the faster is the baseline for the ratios"
+    )
+    log(
+        f"blog extrapolated to all {len(esc)} clips: {len(esc) / b['clips_per_s']:.1f} s "
+        f"({1e3 / b['clips_per_s']:.0f} ms/clip; the librosa-docs figure "
+        f"{1e3 / b['doc_figure']['clips_per_s']:.0f} ms/clip)"
     )
     log(
         "prepare API runs: "
@@ -1039,6 +1069,11 @@ def main(argv: list[str] | None = None) -> int:
         "CPU used by other processes while each section ran (share of the machine): "
         + ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["other_load"].items())
     )
+    if others.waited:
+        log(
+            f"waited for an idle machine (at most {args.wait_idle:.0f} s) before each: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in others.waited.items())
+        )
     log(
         f"load average at end {' '.join(map(str, machine['load_average_end']))}; "
         f"benchmark took {results['total_seconds']:.0f} s"

@@ -184,3 +184,40 @@ def run_cli(monkeypatch, capsys):
         return code, out, err
 
     return run
+
+
+#: Clips per digit in the training and validation sets of :func:`tiny_model`.
+TINY_MODEL_TRAIN_PER_DIGIT = 10
+TINY_MODEL_VALID_PER_DIGIT = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, fsdd_dir: Path) -> Path:
+    """Path of a small FSDD digit model trained once per session (~100 real clips,
+    one epoch: tens of seconds on 2 cores). It works but is not accurate: tests may rely
+    on its file format, labels and determinism, not on its predictions being right.
+
+    Shared by the whole session: treat it as read-only.
+    """
+    from soundsight import load_dataset
+    from soundsight.training import TrainConfig, train
+
+    def pick(split: str, per_digit: int) -> pd.DataFrame:
+        table = load_dataset(fsdd_dir, "fsdd", split).sort_values("path")
+        # Every speaker in each digit (round-robin over the sorted files), not just the
+        # first speaker alphabetically.
+        table = table.assign(rank=table.groupby(["label", "group"]).cumcount())
+        table = table.sort_values(["rank", "path"]).groupby("label").head(per_digit)
+        return table.drop(columns="rank").sort_values("path").reset_index(drop=True)
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    result = train(
+        pick("train", TINY_MODEL_TRAIN_PER_DIGIT),
+        root / "run",
+        valid=pick("test", TINY_MODEL_VALID_PER_DIGIT),
+        config=TrainConfig(stage1_epochs=0, stage2_epochs=1, batch_size=16),
+        cache=root / "cache",
+        progress=False,
+    )
+    assert result.model_path.is_file()
+    return result.model_path

@@ -131,6 +131,13 @@ def test_config_file_that_disagrees_is_refused(tmp_path, fsdd_clips):
         FeatureCache(tmp_path, SMALL)
 
 
+def test_config_folder_of_other_features_is_refused_not_mixed(tmp_path, fsdd_clips):
+    cache, _ = prepare([str(fsdd_clips[0])], tmp_path, SMALL, workers=0, progress=False)
+    with pytest.raises(CacheError, match="different parameters.*n_mels 64 vs 128"):
+        FeatureCache(cache.folder, FeatureConfig())
+    assert FeatureCache(cache.folder).config == SMALL  # the folder names its own config
+
+
 def test_edited_or_touched_source_is_recomputed(tmp_path, fsdd_clips, esc_clips):
     # Copies (never the shared originals): this test modifies them.
     clips = [Path(shutil.copy(p, tmp_path / p.name)) for p in (*fsdd_clips[:3], esc_clips[0])]

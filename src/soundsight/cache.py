@@ -81,6 +81,9 @@ class FeatureCache:
         self.root = root
         self.config = config or self._only_config(self.root)
         self.folder = self.root / self.config.digest
+        config_file = self.folder / "config.json"
+        if config_file.exists() and _read_config(config_file) != self.config:
+            raise CacheError(f"{config_file}: holds {_read_config(config_file)}, not {self.config}")
 
     @staticmethod
     def _only_config(root: Path) -> FeatureConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from dataclasses import fields
@@ -238,6 +239,7 @@ def _train_valid(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .report import plot_run
     from .training import train
 
     clips, valid = _train_valid(args)
@@ -258,6 +260,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     _print_scores("validation", result.metrics)
     print(f"model written to {result.model_path}")
+    print(
+        f"plots: {len(plot_run(args.out, args.cache))} PNGs in {args.out} "
+        f"(soundsight report {args.out} makes report.html)"
+    )
     return 0
 
 
@@ -273,6 +279,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
+    from .report import plot_run
     from .training import SUMMARY, cross_validate
 
     model, config = _recipe(args)
@@ -289,7 +296,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
     print(pd.DataFrame(result.folds).to_string(index=False))
     for key in SUMMARY[1:]:
         print(f"{key}: {result.mean[key]:.4f} +- {result.std[key]:.4f}")
-    print(f"results: {Path(args.out) / 'cv.json'}")
+    print(
+        f"results: {Path(args.out) / 'cv.json'}; plots: {len(plot_run(args.out, args.cache))} PNGs"
+    )
     return 0
 
 
@@ -355,6 +364,51 @@ def _report_failures(failures: list[tuple[str, str]]) -> int:
         for path, reason in failures:
             print(f"  {path}: {reason}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serving import ServeConfig, serve
+
+    settings = ServeConfig(
+        max_upload_bytes=int(args.max_upload_mb * 1e6),
+        max_duration=args.max_duration,
+        workers=args.workers or ServeConfig().workers,
+        queue_size=args.queue_size,
+        top_k=args.top_k,
+        torch_threads=args.torch_threads or None,
+    )
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"model file not found: {args.model}")
+    serve(args.model, args.host, args.port, settings, access_log=not args.no_access_log)
+    return 0
+
+
+def cmd_show_batch(args: argparse.Namespace) -> int:
+    from .report import show_batch
+
+    figure_path = show_batch(
+        _dataset(args),
+        args.out,
+        _features(args),
+        n=args.n,
+        cols=args.cols,
+        seed=args.seed,
+        cache=args.cache,
+        names=args.names,
+    )
+    print(f"batch written to {figure_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from .report import write_report
+
+    started = time.perf_counter()
+    path = write_report(args.run, args.cache, replot=args.replot, progress=True)
+    print(f"report written to {path} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 
@@ -462,11 +516,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", help="also write per-class probabilities to this CSV")
     _add_workers(p)
     p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP: JSON API and a page to try it",
+        description="Load a model once and serve it with uvicorn: POST /predict "
+        "(multipart field 'file' or raw audio body), GET /labels, GET /health, "
+        "OpenAPI docs at /docs, and a page at / to drop in a sound and see its "
+        "spectrogram and labels. Binds to loopback unless --host says otherwise.",
+    )
+    p.add_argument("model", help="model file (model.safetensors)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)"
+    )
+    p.add_argument(
+        "--max-duration",
+        type=float,
+        default=30.0,
+        help="analyse at most this many seconds of a clip (default 30)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="inference threads (default: CPU cores, max 4)"
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=16,
+        help="requests that may wait for a worker; more get 503 (default 16)",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="labels per answer (default 5)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads per inference (default 1; 0 = torch's default)",
+    )
+    p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser(
+        "show-batch",
+        help="a grid of log-mel spectrograms with their labels (PNG)",
+        description="Draw a random sample of a dataset's clips as log-mel "
+        "spectrograms (time in s, frequency in Hz on the mel scale) with their labels.",
+    )
+    _add_dataset_args(p)
+    p.add_argument("--out", default="batch.png", help="PNG file (default batch.png)")
+    p.add_argument("--n", type=int, default=16, help="clips to show (default 16)")
+    p.add_argument("--cols", type=int, help="grid columns (default: a square grid)")
+    p.add_argument("--seed", type=int, default=0, help="which random clips (default 0)")
+    p.add_argument("--names", action="store_true", help="also print file names")
+    p.add_argument("--cache", help="feature cache to read log-mels from (else decoded)")
+    _add_feature_args(p)
+    p.set_defaults(func=cmd_show_batch)
+
+    p = commands.add_parser(
+        "report",
+        help="interpretation plots and a self-contained report.html for a run",
+        description="Write a run's (or cv folder's) plots as PNGs: history, "
+        "learning-rate schedule, confusion matrix, per-class scores, top losses, "
+        "t-SNE of embeddings; then RUN/report.html, one file with every image and "
+        "the top-loss clips' audio embedded.",
+    )
+    p.add_argument("run", help="run folder of train, or folder of cv")
+    p.add_argument("--cache", help="feature cache folder (clips not in it are decoded)")
+    p.add_argument("--replot", action="store_true", help="redraw plots even if up to date")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Lightning's start-up banners (accelerator lists, tips) drown the epoch table.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     try:

@@ -31,6 +31,7 @@ from .data import CachedClips, ClipView, collate_windows
 from .evaluation import holdout, make_folds, score
 from .features import FeatureConfig
 from .models import ModelConfig, SoundNet, clip_probabilities, save_model_file
+from .plots import plot_lr_find
 
 #: Where features are cached when no cache folder is named (keyed by config and file
 #: identity, so one cache serves every run and dataset safely).
@@ -76,7 +77,7 @@ class TrainConfig:
     stage2_epochs: int = 9
     lr: float = 2e-3
     body_lr: float = 1e-3
-    batch_size: int = 32
+    batch_size: int = 16
     weight_decay: float = 0.01
     mixup: float = 0.0
     freq_masks: int = 2
@@ -299,8 +300,13 @@ def _trainer(
 ) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    # The newest epoch's state as last.ckpt, replaced every epoch (Lightning writes it
+    # atomically), which is what --resume continues from.
     checkpoints = ModelCheckpoint(
-        dirpath=out / "checkpoints" / f"stage{stage}", save_last=True, save_top_k=0
+        dirpath=out / "checkpoints" / f"stage{stage}",
+        filename="last",
+        save_top_k=1,
+        enable_version_counter=False,
     )
     return L.Trainer(
         max_epochs=epochs,
@@ -332,6 +338,9 @@ class _Run:
 
 def _setup(clips, out, valid, features, model, config, cache, pretrained, progress) -> _Run:
     out.mkdir(parents=True, exist_ok=True)
+    # Reading crops from memory-mapped features is cheap: extra loader processes would
+    # only take cores from the model, so Lightning's advice to add some is silenced.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     torch.set_flush_denormal(True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     if valid is None:
@@ -543,12 +552,13 @@ def find_learning_rate(module: ClipClassifier, loader, plot_path: Path, progress
         num_training=min(100, 3 * len(loader)),
         update_attr=False,
     )
-    figure = finder.plot(suggest=True)
-    figure.axes[0].set_title("Learning-rate range test (loss vs learning rate)")
-    figure.savefig(plot_path, dpi=120, bbox_inches="tight")
     suggestion = finder.suggestion()
+    results = pd.DataFrame(finder.results)
+    results.assign(suggestion=suggestion).to_csv(plot_path.with_suffix(".csv"), index=False)
+    figure = plot_lr_find(results["lr"], results["loss"], suggestion)
+    figure.savefig(plot_path, dpi=120)
     if suggestion is None or not math.isfinite(suggestion):
-        raise RuntimeError("the LR finder found no usable learning rate (loss never fell)")
+        raise RuntimeError(f"the LR finder found no usable learning rate (see {plot_path})")
     return float(suggestion)
 
 

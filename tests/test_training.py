@@ -1,0 +1,365 @@
+"""Training, model files, prediction, evaluation and cross-validation, end to end on
+small real subsets of FSDD and ESC-50."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from soundsight import CacheError, FeatureCache, FeatureConfig, load_dataset, prepare
+from soundsight.evaluation import holdout, make_folds, map_at_k, score
+from soundsight.models import ModelFileError, read_model_file
+from soundsight.prediction import Classifier, evaluate, submission
+from soundsight.training import TrainConfig, cross_validate, seed_recipe, train
+
+QUICK = TrainConfig(stage1_epochs=1, stage2_epochs=1, batch_size=16)
+
+
+def _fsdd(fsdd_dir: Path, split: str, per_digit: int) -> pd.DataFrame:
+    table = load_dataset(fsdd_dir, "fsdd", split).sort_values("path")
+    return table.groupby("label").head(per_digit).reset_index(drop=True)
+
+
+# -- model file and prediction ------------------------------------------------------
+
+
+def test_model_file_alone_rebuilds_features_labels_and_predictions(tiny_model, tmp_path, fsdd_dir):
+    moved = tmp_path / "elsewhere" / "digits.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(tiny_model, moved)
+    _, metadata = read_model_file(moved)
+    assert metadata["labels"] == [str(d) for d in range(10)]
+    assert FeatureConfig(**metadata["features"]) == FeatureConfig()
+    assert metadata["model"]["crop_seconds"] > 0  # resolved from the data at training
+    assert set(metadata["metrics"]) >= {"accuracy", "error_rate", "map3"}
+
+    classifier = Classifier.load(moved)
+    clip = fsdd_dir / "recordings" / "7_theo_3.wav"
+    top = classifier.predict(clip, top_k=3)
+    assert len(top) == 3 and {label for label, _ in top} <= set(classifier.labels)
+    probabilities = [p for _, p in top]
+    assert probabilities == sorted(probabilities, reverse=True)
+    # Path, encoded bytes and waveform give the same answer.
+    from soundsight import load_clip
+
+    wave = load_clip(clip, classifier.features.sample_rate)
+    assert classifier.predict(wave, 3) == pytest.approx(top)
+    assert classifier.predict(clip.read_bytes(), 3) == pytest.approx(top)
+
+
+def test_model_file_loading_runs_no_pickle(tiny_model, tmp_path):
+    # A .safetensors model: header JSON + raw tensors. A pickle disguised as a model is
+    # refused as "not a soundsight model", never unpickled.
+    evil = tmp_path / "evil.safetensors"
+    import pickle
+
+    evil.write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(ModelFileError, match="evil.safetensors: not a soundsight model"):
+        Classifier.load(evil)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "plain_safetensors", "missing"])
+def test_broken_model_files_give_a_clear_error(tiny_model, tmp_path, damage):
+    target = tmp_path / "model.safetensors"
+    if damage == "truncated":
+        target.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 2])
+    elif damage == "text":
+        target.write_text("not a model at all")
+    elif damage == "plain_safetensors":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, target)
+    with pytest.raises(ModelFileError, match=str(target.name)):
+        Classifier.load(target)
+
+
+def test_predict_cli_writes_kaggle_format_and_lists_unreadable_files(
+    tiny_model, tmp_path, fsdd_clips, run_cli
+):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for clip in fsdd_clips[:6]:
+        (folder / clip.name).symlink_to(clip)
+    (folder / "notes.wav").write_text("this is text, not audio")
+    out, probs = tmp_path / "preds.csv", tmp_path / "probs.csv"
+    code, stdout, stderr = run_cli(
+        "predict", tiny_model, folder, "--out", out, "--probabilities", probs, "--workers", "0"
+    )
+    assert code == 1  # something was unreadable...
+    assert "notes.wav" in stderr and "not a readable audio file" in stderr
+    frame = pd.read_csv(out, dtype=str)  # ...and the rest was still predicted
+    assert list(frame.columns) == ["fname", "label"]
+    assert sorted(frame["fname"]) == sorted(c.name for c in fsdd_clips[:6])
+    assert all(len(labels.split()) == 3 for labels in frame["label"])
+    probabilities = pd.read_csv(probs)
+    assert np.allclose(probabilities.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_predict_on_empty_folder_is_an_error(tiny_model, tmp_path, run_cli):
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = run_cli("predict", tiny_model, tmp_path / "empty")
+    assert code == 2 and "no audio files" in stderr and "empty" in stderr
+
+
+def test_sliding_windows_cover_long_clips(tiny_model):
+    classifier = Classifier.load(tiny_model)
+    frames = classifier.view.frames
+    long = np.zeros((classifier.features.n_mels, 5 * frames + 3), np.float32)
+    windows = classifier.view.windows(long)
+    assert windows.shape[1:] == (classifier.features.n_mels, frames)
+    assert len(windows) >= 10  # half-overlapping windows reach the end of the clip
+    short = classifier.view.windows(long[:, :3])
+    assert short.shape == (1, classifier.features.n_mels, frames)
+
+
+def test_submission_format():
+    frame = pd.DataFrame({"path": ["/a/x.wav"], "Bass drum": [0.2], "Cello": [0.5], "Oboe": [0.3]})
+    result = submission(frame, ["Bass drum", "Cello", "Oboe"], top_k=3)
+    assert result.to_dict("records") == [{"fname": "x.wav", "label": "Cello Oboe Bass_drum"}]
+
+
+# -- evaluation ---------------------------------------------------------------------
+
+
+def test_map_at_3_and_scores():
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.6, 0.3, 0.1]])
+    targets = np.array([0, 0, 2, 1])  # ranks 1, 2, 3, 2
+    assert map_at_k(probabilities, targets, 3) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 2) / 4)
+    metrics = score(probabilities, targets, ["a", "b", "c"])
+    assert metrics["accuracy"] == 0.25 and metrics["error_rate"] == 0.75
+    assert metrics["confusion"].sum() == 4
+    confused = metrics["most_confused"]
+    assert confused[["true", "predicted"]].values.tolist() == [["a", "b"], ["b", "a"], ["c", "a"]]
+
+
+def test_evaluate_on_fsdd_test_side(tiny_model, fsdd_dir, tmp_path, run_cli):
+    code, stdout, _ = run_cli(
+        "evaluate", tiny_model, fsdd_dir, "--out", tmp_path / "eval", "--cache", tmp_path / "cache"
+    )
+    assert code == 0
+    assert "300 clips" in stdout and "MAP@3" in stdout and "precision" in stdout
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["clips"] == 300 and 0 <= metrics["error_rate"] <= 1
+    confusion = pd.read_csv(tmp_path / "eval" / "confusion.csv", index_col=0)
+    assert confusion.to_numpy().sum() == 300
+
+
+def test_model_refuses_a_cache_of_other_features(tiny_model, fsdd_clips, tmp_path, run_cli):
+    other = FeatureConfig(n_mels=64)
+    cache, _ = prepare(
+        [str(p) for p in fsdd_clips[:2]], tmp_path / "cache", other, workers=0, progress=False
+    )
+    with pytest.raises(CacheError, match="different parameters.*n_mels 64 vs 128"):
+        FeatureCache(cache.folder, FeatureConfig())
+    table = pd.DataFrame({"path": [str(p) for p in fsdd_clips[:2]], "label": ["0", "0"]})
+    with pytest.raises(CacheError, match="refusing to mix"):
+        evaluate(
+            tiny_model,
+            table.assign(fold=pd.NA, group=pd.NA, verified=pd.NA),
+            cache.folder,
+            progress=False,
+        )
+
+
+# -- splits -------------------------------------------------------------------------
+
+
+def test_esc_folds_are_stratified_and_grouped_by_source_recording(esc50_dir):
+    table = load_dataset(esc50_dir)
+    folds = make_folds(table, 5, seed=0)
+    assert sorted(np.concatenate(folds)) == list(range(len(table)))  # a partition
+    for valid in folds:
+        train_groups = set(table["group"].drop(index=valid))
+        assert not train_groups & set(table["group"].iloc[valid])
+        assert table["label"].iloc[valid].nunique() >= 40  # stratified: most classes each fold
+
+
+def test_fsdd_folds_grouped_by_speaker(fsdd_dir):
+    table = load_dataset(fsdd_dir, "fsdd", "all")
+    folds = make_folds(table, 3)
+    for valid in folds:
+        assert not set(table["group"].iloc[valid]) & set(table["group"].drop(index=valid))
+
+
+def test_label_seen_once_is_reported_not_fatal():
+    table = pd.DataFrame(
+        {
+            "path": [f"/x/{i}.wav" for i in range(21)],
+            "label": ["a"] * 10 + ["b"] * 10 + ["lonely"],
+            "fold": pd.NA,
+            "group": pd.NA,
+            "verified": pd.NA,
+        }
+    )
+    with pytest.warns(UserWarning, match="single clip.*'lonely'.*kept for training"):
+        train_part, valid_part = holdout(table, 0.2)
+    assert "lonely" in set(train_part["label"]) and "lonely" not in set(valid_part["label"])
+    with pytest.warns(UserWarning, match="fewer clips than the 5 folds.*'lonely': 1"):
+        make_folds(table, 5)
+
+
+# -- training -----------------------------------------------------------------------
+
+
+def test_training_skips_a_corrupt_clip_and_reproduces_with_a_seed(fsdd_dir, tmp_path):
+    clips = _fsdd(fsdd_dir, "train", 5)
+    broken = tmp_path / "3_broken_7.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    clips = pd.concat([clips, clips.iloc[:1].assign(path=str(broken), label="3")])
+    valid = _fsdd(fsdd_dir, "test", 2)
+    config = TrainConfig(stage1_epochs=0, stage2_epochs=1, batch_size=16)
+    with pytest.warns(UserWarning, match="1 clips could not be decoded"):
+        first = train(
+            clips,
+            tmp_path / "a",
+            valid=valid,
+            config=config,
+            cache=tmp_path / "cache",
+            progress=False,
+        )
+    assert first.failures == [(str(broken), first.failures[0][1])]
+    failures = pd.read_csv(tmp_path / "a" / "failures.csv")
+    assert failures["path"].tolist() == [str(broken)]
+    with pytest.warns(UserWarning):
+        train(
+            clips,
+            tmp_path / "b",
+            valid=valid,
+            config=config,
+            cache=tmp_path / "cache",
+            progress=False,
+        )
+    a = pd.read_csv(tmp_path / "a" / "valid_predictions.csv").iloc[:, 2:].to_numpy()
+    b = pd.read_csv(tmp_path / "b" / "valid_predictions.csv").iloc[:, 2:].to_numpy()
+    assert np.allclose(a, b, atol=1e-5)  # same seed, same data: same model
+
+
+def test_two_stage_training_history_and_outputs(fsdd_dir, tmp_path, capsys):
+    result = train(
+        _fsdd(fsdd_dir, "train", 6),
+        tmp_path / "run",
+        valid=_fsdd(fsdd_dir, "test", 2),
+        config=QUICK,
+        cache=tmp_path / "cache",
+        progress=True,
+    )
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert list(history.columns) == [
+        "stage",
+        "epoch",
+        "train_loss",
+        "valid_loss",
+        "error_rate",
+        "seconds",
+    ]
+    assert history[["stage", "epoch"]].values.tolist() == [[1, 1], [2, 1]]
+    assert history[["train_loss", "valid_loss", "error_rate"]].notna().all().all()
+    assert "train_loss" in capsys.readouterr().out  # the per-epoch table is printed
+    for name in (
+        "model.safetensors",
+        "metrics.json",
+        "per_class.csv",
+        "confusion.csv",
+        "most_confused.csv",
+        "valid_predictions.csv",
+    ):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert result.metrics["clips"] == 20
+
+
+def test_seed_recipe_is_the_blogs():
+    model, config = seed_recipe(9)
+    assert (model.image_size, model.imagenet_normalization, model.encoding) == (224, True, "magma")
+    assert (config.mixup, config.freq_masks, config.time_masks) == (0, 0, 0)
+    assert (config.body_lr, config.stage1_epochs + config.stage2_epochs) == (1e-5, 9)
+
+
+def test_cross_validation_reports_mean_and_spread(esc50_dir, tmp_path):
+    table = load_dataset(esc50_dir)
+    table = table[table["label"].isin(sorted(table["label"].unique())[:3])].reset_index(drop=True)
+    config = TrainConfig(stage1_epochs=0, stage2_epochs=1, batch_size=8)
+    result = cross_validate(
+        table, tmp_path / "cv", 3, config=config, cache=tmp_path / "cache", progress=False
+    )
+    summary = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
+    assert summary["mean"]["accuracy"] == pytest.approx(
+        np.mean([f["accuracy"] for f in summary["folds"]])
+    )
+    assert sum(f["clips"] for f in result.folds) == len(table)  # every clip validated once
+    assert all((tmp_path / "cv" / f"fold{k}" / "model.safetensors").exists() for k in range(3))
+
+
+def test_lr_finder_plot_and_suggestion(fsdd_dir, tmp_path, run_cli):
+    code, stdout, _ = run_cli(
+        "lr-find",
+        fsdd_dir,
+        "--out",
+        tmp_path / "lr",
+        "--cache",
+        tmp_path / "cache",
+        "--batch-size",
+        "16",
+    )
+    assert code == 0
+    suggestion = float(stdout.split("suggested learning rate: ")[1].split(";")[0])
+    assert 1e-6 <= suggestion <= 1.0
+    assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses SIGKILL and process groups")
+def test_interrupted_training_resumes_from_its_last_checkpoint(fsdd_dir, tmp_path):
+    data = tmp_path / "digits"
+    for row in _fsdd(fsdd_dir, "all", 12).itertuples():
+        (data / row.label).mkdir(parents=True, exist_ok=True)
+        (data / row.label / Path(row.path).name).symlink_to(row.path)
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "soundsight.cli",
+        "train",
+        str(data),
+        "--out",
+        str(run),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--stage1-epochs",
+        "1",
+        "--stage2-epochs",
+        "3",
+        "--crop-seconds",
+        "0.5",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    checkpoint = run / "checkpoints" / "stage2" / "last.ckpt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "no stage-2 checkpoint before the deadline"
+    done_before = pd.read_csv(run / "history.csv")
+    assert not (run / "model.safetensors").exists()
+
+    finished = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    history = pd.read_csv(run / "history.csv")
+    assert history[["stage", "epoch"]].values.tolist() == [[1, 1], [2, 1], [2, 2], [2, 3]]
+    # Epochs finished before the kill were not trained again.
+    kept = history.merge(done_before, on=["stage", "epoch"], suffixes=("", "_before"))
+    assert np.allclose(kept["train_loss"], kept["train_loss_before"])
+    assert (run / "model.safetensors").exists()

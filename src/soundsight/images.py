@@ -52,7 +52,10 @@ def _export_setup(targets: dict[str, Path], config: FeatureConfig, size: int, cm
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
                 try:
-                    spectrogram_image(db, config.floor_db, size, cmap).save(tmp, format="PNG")
+                    # zlib level 1: encoding at the default level 6 took 9.5 ms of
+                    # the 14 ms a clip costs, for files only 9% smaller (66 vs 73 kB).
+                    image = spectrogram_image(db, config.floor_db, size, cmap)
+                    image.save(tmp, format="PNG", compress_level=1)
                     os.replace(tmp, target)
                 except OSError as err:
                     error = f"cannot write {target} ({err})"

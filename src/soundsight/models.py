@@ -17,7 +17,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -117,6 +116,8 @@ def create_backbone(
         download; ``"none"``: random initialisation; or a path to a ``.pth`` or
         ``.safetensors`` file (keys by name, or in order for other naming schemes).
     """
+    import timm  # here, not at the top: it pulls torchvision, which prepare never needs
+
     if not timm.is_model(name):
         raise WeightsError(f"unknown timm backbone {name!r}")
     hub = weights == "hub" or (weights == "default" and name not in OFFLINE_WEIGHTS)

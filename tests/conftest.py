@@ -3,8 +3,9 @@ them (symlinked, never copied), and generated clips (sines, noise, broken files)
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,48 @@ def tiny_model(tmp_path_factory, fsdd_dir: Path) -> Path:
     )
     assert result.model_path.is_file()
     return result.model_path
+
+
+#: Debian's Chromium (scripts/install-system-deps.sh); Playwright drives it, never its
+#: own downloaded browser. The flags keep it from reaching for the network.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def require_browser(chromium: Path = CHROMIUM):
+    """Playwright's sync API, or skip; under CI=true a missing browser is a failure."""
+    problems = []
+    if not chromium.is_file():
+        problems.append(f"{chromium} missing (run scripts/install-system-deps.sh)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+        problems.append("playwright not installed (pip install -e '.[dev]')")
+    if problems:
+        message = "; ".join(problems)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"browser test cannot run in CI: {message}")
+        pytest.skip(message)
+    return sync_playwright
+
+
+@pytest.fixture
+def chromium() -> Iterator:
+    """A headless Chromium browser (Playwright), closed after the test."""
+    sync_playwright = require_browser()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

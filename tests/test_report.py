@@ -21,17 +21,6 @@ from PIL import Image
 from soundsight import report
 from soundsight.report import RUN_PLOTS, plot_run, plots_are_current, write_report
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 #: Plots a run with a model file, history and validation predictions must have
 #: (lr_find only with --lr auto).
 EXPECTED = set(RUN_PLOTS) - {"lr_find"}
@@ -269,23 +258,6 @@ def test_cli_report_and_show_batch(plotted_run, fsdd_subset, tmp_path, run_cli):
 # ------------------------------------------------------------------------ Chromium
 
 
-def _chromium():
-    """Playwright's sync API, or skip (fail under CI=true) when it or Debian's
-    chromium is missing (scripts/install-system-deps.sh installs it)."""
-    problem = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        problem = "playwright is not installed (pip install -e '.[dev]')"
-    if problem is None and not CHROMIUM.is_file():
-        problem = f"{CHROMIUM} is missing (run scripts/install-system-deps.sh)"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    return sync_playwright
-
-
 AUDIO_STATE = """async () => Promise.all(Array.from(document.querySelectorAll('audio')).map(a =>
   new Promise(resolve => {
     const source = a.querySelector('source');
@@ -302,31 +274,26 @@ AUDIO_STATE = """async () => Promise.all(Array.from(document.querySelectorAll('a
   })))"""
 
 
-def check_in_chromium(path: Path, screenshot: Path) -> None:
-    sync_playwright = _chromium()
+def check_in_chromium(browser, path: Path, screenshot: Path) -> None:
     fetched = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
 
-            def route(request_route):
-                url = request_route.request.url
-                if url.startswith(("file:", "data:")):
-                    request_route.continue_()
-                else:
-                    fetched.append(url)
-                    request_route.abort()
+    def route(request_route):
+        url = request_route.request.url
+        if url.startswith(("file:", "data:")):
+            request_route.continue_()
+        else:
+            fetched.append(url)
+            request_route.abort()
 
-            page.route("**/*", route)
-            page.goto(path.resolve().as_uri(), wait_until="load")
-            images = page.evaluate(
-                "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])"
-            )
-            audio = page.evaluate(AUDIO_STATE)
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+    page.route("**/*", route)
+    page.goto(path.resolve().as_uri(), wait_until="load")
+    images = page.evaluate(
+        "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])"
+    )
+    audio = page.evaluate(AUDIO_STATE)
+    page.screenshot(path=str(screenshot), full_page=True)
+    page.close()
     assert not fetched, f"the report fetched {fetched}"
     assert images, "no images in the report"
     for alt, complete, width in images:
@@ -344,11 +311,11 @@ def check_in_chromium(path: Path, screenshot: Path) -> None:
     assert (pixels < 128).mean() > 0.02, "the screenshot is nearly all white"
 
 
-def test_report_in_headless_chromium(plotted_run, tmp_path):
+def test_report_in_headless_chromium(chromium, plotted_run, tmp_path):
     run, cache, _ = plotted_run
-    check_in_chromium(write_report(run, cache), tmp_path / "report.png")
+    check_in_chromium(chromium, write_report(run, cache), tmp_path / "report.png")
 
 
-def test_cv_report_in_headless_chromium(cv_folder, plotted_run, tmp_path):
+def test_cv_report_in_headless_chromium(chromium, cv_folder, plotted_run, tmp_path):
     _, cache, _ = plotted_run
-    check_in_chromium(write_report(cv_folder, cache), tmp_path / "cv_report.png")
+    check_in_chromium(chromium, write_report(cv_folder, cache), tmp_path / "cv_report.png")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
 import re
 import shutil
 import socket
@@ -25,23 +24,13 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import CHROMIUM, require_browser
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from soundsight.prediction import Classifier
 from soundsight.serving import ServeConfig, create_app, is_loopback, sniff_audio
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -517,32 +506,13 @@ def test_real_clip_answers_conform_to_the_schema(api_schema, fsdd_clips, esc_cli
 # --- the page in real Chromium, against `soundsight serve` on loopback ----------------
 
 
-def _browser_or_skip():
-    """Playwright's sync API, or skip; in CI a missing browser is a failure."""
-    problems = []
-    if not CHROMIUM.is_file():
-        problems.append(f"{CHROMIUM} missing (run scripts/install-system-deps.sh)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-        problems.append("playwright not installed (pip install -e '.[dev]')")
-    if problems:
-        message = "; ".join(problems)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"browser test cannot run in CI: {message}")
-        pytest.skip(message)
-    return sync_playwright
-
-
 def test_browser_check_fails_in_ci_and_skips_locally(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="cannot run in CI"):
-        _browser_or_skip()
+        require_browser(tmp_path / "no-chromium")
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="install-system-deps.sh"):
-        _browser_or_skip()
+        require_browser(tmp_path / "no-chromium")
 
 
 def _free_port() -> int:
@@ -595,8 +565,9 @@ def test_server_binds_loopback_by_default(live_server):
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
 
 
-def test_page_in_chromium_shows_label_spectrogram_and_plays(live_server, fsdd_clips, tmp_path):
-    sync_playwright = _browser_or_skip()
+def test_page_in_chromium_shows_label_spectrogram_and_plays(
+    chromium, live_server, fsdd_clips, tmp_path
+):
     base, _ = live_server
     chosen, dropped = fsdd_clips[6], fsdd_clips[13]
     expected = {
@@ -609,54 +580,45 @@ def test_page_in_chromium_shows_label_spectrogram_and_plays(live_server, fsdd_cl
         for clip in (chosen, dropped)
     }
     requests, console_errors = [], []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
-            page.set_default_timeout(60_000)
-            page.on("request", lambda r: requests.append(r.url))
-            page.on(
-                "console", lambda m: console_errors.append(m.text) if m.type == "error" else None
-            )
-            page.goto(f"{base}/")
+    page = chromium.new_page(viewport={"width": 1000, "height": 900})
+    page.set_default_timeout(60_000)
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    page.goto(f"{base}/")
 
-            # 1. Choose a file with the file input.
-            page.set_input_files("#file-input", str(chosen))
-            page.wait_for_selector("body[data-state=done]")
-            _check_page(page, chosen.name, expected[chosen.name])
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+    # 1. Choose a file with the file input.
+    page.set_input_files("#file-input", str(chosen))
+    page.wait_for_selector("body[data-state=done]")
+    _check_page(page, chosen.name, expected[chosen.name])
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
 
-            # 2. Drag a file onto the drop zone (a real drop event with the file in it).
-            page.evaluate("document.body.dataset.state = ''")
-            data = base64.b64encode(dropped.read_bytes()).decode()
-            page.evaluate(
-                """([name, data]) => {
-                    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-                    const transfer = new DataTransfer();
-                    transfer.items.add(new File([bytes], name, { type: "audio/wav" }));
-                    const zone = document.getElementById("drop-zone");
-                    for (const type of ["dragenter", "dragover", "drop"]) {
-                        zone.dispatchEvent(new DragEvent(type, {
-                            dataTransfer: transfer, bubbles: true, cancelable: true,
-                        }));
-                    }
-                }""",
-                [dropped.name, data],
-            )
-            page.wait_for_selector("body[data-state=done]")
-            _check_page(page, dropped.name, expected[dropped.name])
+    # 2. Drag a file onto the drop zone (a real drop event with the file in it).
+    page.evaluate("document.body.dataset.state = ''")
+    data = base64.b64encode(dropped.read_bytes()).decode()
+    page.evaluate(
+        """([name, data]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "audio/wav" }));
+            const zone = document.getElementById("drop-zone");
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                zone.dispatchEvent(new DragEvent(type, {
+                    dataTransfer: transfer, bubbles: true, cancelable: true,
+                }));
+            }
+        }""",
+        [dropped.name, data],
+    )
+    page.wait_for_selector("body[data-state=done]")
+    _check_page(page, dropped.name, expected[dropped.name])
 
-            # 3. A file that is not audio: the page shows the server's message.
-            page.set_input_files(
-                "#file-input",
-                files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not audio"}],
-            )
-            page.wait_for_selector("body[data-state=error]")
-            assert "not an audio file" in page.inner_text("#error")
-        finally:
-            browser.close()
+    # 3. A file that is not audio: the page shows the server's message.
+    page.set_input_files(
+        "#file-input",
+        files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not audio"}],
+    )
+    page.wait_for_selector("body[data-state=error]")
+    assert "not an audio file" in page.inner_text("#error")
     origins = {re.match(r"^([a-z]+:(?://[^/]+)?)", url).group(1) for url in requests}
     assert origins <= {base, "data:", "blob:"}, f"page fetched from elsewhere: {origins}"
     assert not [e for e in console_errors if "notes.txt" not in e and "415" not in e]

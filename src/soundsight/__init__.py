@@ -6,7 +6,29 @@ from .features import FeatureConfig, LogMel, colorize, log_mel
 from .images import export_images, spectrogram_image
 from .layouts import LAYOUTS, DatasetError, detect_layout, load_dataset
 
+#: Heavier parts (Lightning, timm) load on first use, so that ``import soundsight`` for
+#: decoding and preparing features stays quick and small.
+_LAZY = {
+    "train": "training",
+    "cross_validate": "training",
+    "lr_find": "training",
+    "TrainConfig": "training",
+    "ModelConfig": "models",
+    "Classifier": "prediction",
+    "evaluate": "prediction",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'soundsight' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "AUDIO_EXTENSIONS",
     "AudioError",
     "CacheError",

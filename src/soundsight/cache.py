@@ -339,8 +339,9 @@ def featurise_clips(
         yield from flush()
 
 
-def _prepare_setup(cache_root: str, config: FeatureConfig) -> dict:
-    cache = FeatureCache(cache_root, config)
+def featurise_job(config: FeatureConfig, write: Callable[[str, np.ndarray], object]) -> dict:
+    """Worker set-up for :func:`run_clip_jobs`: decode and featurise each clip, then
+    ``write(path, log_mel)``; an ``OSError`` from ``write`` fails that clip only."""
     logmel = LogMel(config)
 
     def process(chunk: list[str]) -> list[tuple[str, str | None, float]]:
@@ -348,9 +349,9 @@ def _prepare_setup(cache_root: str, config: FeatureConfig) -> dict:
         for path, features, error, seconds in featurise_clips(chunk, config, logmel):
             if error is None:
                 try:
-                    cache.write(path, features)
+                    write(path, features)
                 except OSError as err:
-                    error = f"cannot write cache entry ({err})"
+                    error = f"cannot write its output ({err})"
             results.append((path, error, seconds))
         return results
 
@@ -400,9 +401,8 @@ def prepare(
     cache.save_config()
     cache.remove_stale_temporaries()
     todo = [p for p in paths if p not in cache]
-    report = run_clip_jobs(
-        todo, _prepare_setup, (str(cache.root), config), workers, "prepare", progress
-    )
+    # Workers are forked, so the bound method travels without pickling.
+    report = run_clip_jobs(todo, featurise_job, (config, cache.write), workers, "prepare", progress)
     report.total = len(paths)
     report.skipped = len(paths) - len(todo)
     name = "failures.csv" if count == 1 else f"failures-shard{index}of{count}.csv"

@@ -45,6 +45,11 @@ CHUNK_BYTES = 16 << 20
 BATCH_SAMPLES = 1 << 17
 
 
+#: Where features are cached when no cache folder is named: entries are keyed by
+#: feature config and file identity, so one cache serves every run and dataset safely.
+DEFAULT_CACHE = Path(os.environ.get("SOUNDSIGHT_CACHE", Path.home() / ".cache" / "soundsight"))
+
+
 class CacheError(ValueError):
     """A cache folder that does not hold what was asked of it."""
 

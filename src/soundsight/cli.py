@@ -220,8 +220,9 @@ def _recipe(args: argparse.Namespace):
     if args.lr not in (None, "auto"):
         overrides["lr"] = float(args.lr)
     if args.epochs and args.recipe != "seed":
-        overrides.setdefault("stage1_epochs", None)
-        stage1 = overrides["stage1_epochs"] or min(config.stage1_epochs, args.epochs - 1)
+        stage1 = args.stage1_epochs
+        if stage1 is None:
+            stage1 = min(config.stage1_epochs, args.epochs - 1)
         overrides["stage1_epochs"], overrides["stage2_epochs"] = stage1, args.epochs - stage1
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     return model, config

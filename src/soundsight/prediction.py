@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio import AUDIO_EXTENSIONS, AudioError, decode_bytes, load_clip
-from .cache import prepare
+from .cache import DEFAULT_CACHE, prepare
 from .config import config_from_dict
 from .data import CachedClips, ClipView, collate_windows
 from .evaluation import score
@@ -211,8 +211,6 @@ def evaluate(
     :func:`soundsight.evaluation.score`, per-clip probabilities, and the clips that
     could not be decoded.
     """
-    from .training import DEFAULT_CACHE
-
     classifier = model if isinstance(model, Classifier) else Classifier.load(model)
     known = clips["label"].isin(classifier.labels)
     if not known.all():

@@ -53,7 +53,7 @@ from matplotlib.figure import Figure
 
 from . import plots
 from .audio import AudioError, load_clip
-from .cache import CacheError, FeatureCache
+from .cache import DEFAULT_CACHE, CacheError, FeatureCache
 from .config import config_from_dict
 from .features import FeatureConfig, LogMel
 
@@ -194,12 +194,8 @@ class LogMels:
     def __init__(self, features: FeatureConfig, cache: str | os.PathLike | None = None):
         self.features = features
         self.cache = None
-        if cache is None:
-            from .training import DEFAULT_CACHE
-
-            cache = DEFAULT_CACHE
         try:
-            self.cache = FeatureCache(cache, features)
+            self.cache = FeatureCache(cache or DEFAULT_CACHE, features)
         except CacheError:
             self.cache = None
         self._logmel: LogMel | None = None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from .cache import FeatureCache, prepare
+from .cache import DEFAULT_CACHE, FeatureCache, prepare
 from .config import config_to_dict
 from .data import CachedClips, ClipView, collate_windows
 from .evaluation import holdout, make_folds, score
@@ -33,12 +33,8 @@ from .features import FeatureConfig
 from .models import ModelConfig, SoundNet, clip_probabilities, save_model_file
 from .plots import plot_lr_find
 
-#: Where features are cached when no cache folder is named (keyed by config and file
-#: identity, so one cache serves every run and dataset safely).
 #: The headline scores kept in metrics.json, model files and CV summaries.
 SUMMARY = ("clips", "accuracy", "error_rate", "map3")
-
-DEFAULT_CACHE = Path(os.environ.get("SOUNDSIGHT_CACHE", Path.home() / ".cache" / "soundsight"))
 
 
 @dataclass(frozen=True)
@@ -89,6 +85,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     num_workers: int = 0
+
+    def __post_init__(self):
+        if self.stage1_epochs < 0 or self.stage2_epochs < 0 or self.epochs < 1:
+            raise ValueError(f"need at least one epoch and none negative: {self}")
 
     @property
     def epochs(self) -> int:

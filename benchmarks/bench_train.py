@@ -138,9 +138,17 @@ def main() -> None:
     parser.add_argument("--skip-fsdd", action="store_true")
     parser.add_argument("--skip-esc", action="store_true")
     parser.add_argument("--work", help="folder for runs and cache (default: a temp folder)")
+    parser.add_argument(
+        "--model",
+        help="model for the prediction figures when --skip-esc "
+        "(default: the ESC fold-0 model of this run)",
+    )
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="soundsight-bench-"))
-    results = {
+    previous = RESULTS / "train.json"
+    # Sections not re-run keep their last figures.
+    results = json.loads(previous.read_text()) if previous.exists() else {}
+    results |= {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}",
@@ -152,7 +160,9 @@ def main() -> None:
     if not args.skip_esc:
         results["esc"] = bench_esc(work)
         print(json.dumps(results["esc"], indent=2), flush=True)
-        results["predict"] = bench_predict(Path(results["esc"]["model"]))
+    model = args.model or (results["esc"]["model"] if not args.skip_esc else None)
+    if model:
+        results["predict"] = bench_predict(Path(model))
         print(json.dumps(results["predict"], indent=2), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train.json").write_text(json.dumps(results, indent=2))

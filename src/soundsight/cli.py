@@ -176,8 +176,16 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
             f"--{name.replace('_', '-')}", type=kind, help=f"(default {getattr(defaults, name)})"
         )
     group.add_argument("--balanced", action="store_true", help="class-balanced sampling")
-    group.add_argument("--devices", default="auto", help="Lightning devices (default auto)")
-    group.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (default 1)")
+    group = parser.add_argument_group(
+        "distributed (DDP; launch with torchrun or srun, or let Lightning start the processes)"
+    )
+    group.add_argument(
+        "--devices",
+        default="auto",
+        help="processes (CPU) or GPUs per node; under torchrun 'auto' is its --nproc_per_node "
+        "(default auto)",
+    )
+    group.add_argument("--num-nodes", type=int, default=1, help="machines (default 1)")
 
 
 def _recipe(args: argparse.Namespace):
@@ -241,7 +249,7 @@ def _train_valid(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .report import plot_run
-    from .training import train
+    from .training import is_global_zero, train
 
     clips, valid = _train_valid(args)
     model, config = _recipe(args)
@@ -259,6 +267,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         devices=args.devices,
         num_nodes=args.num_nodes,
     )
+    if not is_global_zero():  # under DDP, rank 0 alone reports and plots
+        return 0
     _print_scores("validation", result.metrics)
     print(f"model written to {result.model_path}")
     print(
@@ -281,7 +291,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_cv(args: argparse.Namespace) -> int:
     from .report import plot_run
-    from .training import SUMMARY, cross_validate
+    from .training import SUMMARY, cross_validate, is_global_zero
 
     model, config = _recipe(args)
     result = cross_validate(
@@ -293,7 +303,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
         config,
         args.cache,
         pretrained=not args.no_pretrained,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
     )
+    if not is_global_zero():
+        return 0
     print(pd.DataFrame(result.folds).to_string(index=False))
     for key in SUMMARY[1:]:
         print(f"{key}: {result.mean[key]:.4f} +- {result.std[key]:.4f}")

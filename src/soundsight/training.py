@@ -158,7 +158,7 @@ class ClipClassifier(L.LightningModule):
             if config.mixup > 0
             else None
         )
-        self._valid_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._valid_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def set_stage(self, stage: int) -> None:
         """Stage 1 freezes the body (the new head learns first); stage 2 trains all."""
@@ -183,14 +183,21 @@ class ClipClassifier(L.LightningModule):
         losses = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)
         loss = (losses * weights).sum() / weights.sum()
         self.log(
-            "train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets)
+            "train_loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(targets),
+            sync_dist=True,
         )
         return loss
 
     def validation_step(self, batch, batch_index):
-        windows, targets, _, counts = batch
-        probabilities = clip_probabilities(self.net, windows, counts)
-        self._valid_outputs.append((probabilities.cpu(), targets.cpu()))
+        # The third field is each clip's row in the validation table (see _Numbered).
+        windows, targets, rows, counts = batch
+        probabilities = clip_probabilities(self.net, windows, counts).float()
+        self._valid_outputs.append((probabilities.cpu(), targets.cpu(), rows.cpu()))
         loss = F.nll_loss(probabilities.clamp_min(1e-8).log(), targets)
         error = (probabilities.argmax(-1) != targets).float().mean()
         self.log("valid_loss", loss, prog_bar=True, batch_size=len(targets), sync_dist=True)
@@ -295,6 +302,63 @@ def resolve_crop(model: ModelConfig, durations: np.ndarray) -> ModelConfig:
     return replace(model, crop_seconds=round(seconds, 2))
 
 
+def _device_count(devices) -> int:
+    """How many devices a Lightning ``devices`` value names (1 for 'auto' and -1)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    return int(text) if text.isdigit() else 1
+
+
+def distribution(devices="auto", num_nodes: int = 1) -> tuple[object, int, str]:
+    """Lightning's ``devices``, ``num_nodes`` and ``strategy`` for this process.
+
+    Several processes (``devices`` > 1, ``num_nodes`` > 1, or a launcher's
+    ``WORLD_SIZE`` > 1) train with DistributedDataParallel, ``"ddp"`` (gloo on CPUs,
+    NCCL on GPUs). Under torchrun, ``devices="auto"`` means the processes torchrun
+    started on each node, so ``torchrun --nproc_per_node N`` needs no other flag.
+    """
+    env = os.environ
+    if devices == "auto" and "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env:
+        devices = int(env["LOCAL_WORLD_SIZE"])
+        num_nodes = max(1, int(env.get("WORLD_SIZE", devices)) // devices)
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    several = num_nodes > 1 or int(env.get("WORLD_SIZE", 1)) > 1 or _device_count(devices) > 1
+    return devices, num_nodes, "ddp" if several else "auto"
+
+
+def precision() -> str:
+    """bf16 mixed precision on GPUs that have it; fp32 on CPUs (bf16 autocast on a CPU
+    was not reliably faster here)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _launch_rank() -> tuple[int, int]:
+    """(rank, world size) given by an external launcher (torchrun, SLURM's srun), known
+    before any process group exists; (0, 1) without one."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1
+
+
+def is_global_zero() -> bool:
+    """Whether this is the process that writes a run's files (rank 0 of any launcher;
+    the only process of a plain run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    # Lightning's own launcher (--devices N alone) marks the processes it starts.
+    env = os.environ
+    return _launch_rank()[0] == 0 and env.get("LOCAL_RANK", "0") == env.get("NODE_RANK", "0") == "0"
+
+
 def _trainer(
     out: Path, stage: int, epochs: int, table: EpochTable, progress: bool, devices, num_nodes: int
 ) -> L.Trainer:
@@ -308,11 +372,14 @@ def _trainer(
         save_top_k=1,
         enable_version_counter=False,
     )
+    devices, num_nodes, strategy = distribution(devices, num_nodes)
     return L.Trainer(
         max_epochs=epochs,
         accelerator="auto",
         devices=devices,
         num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision(),
         callbacks=[checkpoints, table],
         logger=False,
         enable_progress_bar=progress,
@@ -336,6 +403,58 @@ class _Run:
     failures: list[tuple[str, str]]
 
 
+class _Numbered(torch.utils.data.Dataset):
+    """Validation clips that carry their row number in place of the (unused) loss
+    weight: under DDP each rank validates a share, padded with repeats to equal
+    shares, and the row numbers put the gathered shares back in order."""
+
+    def __init__(self, clips: CachedClips):
+        self.clips = clips
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int):
+        view, target, _ = self.clips[index]
+        return view, target, torch.tensor(index)
+
+
+def _gather_valid_outputs(module: ClipClassifier, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and targets of all ``count`` validation clips, in table order, on
+    every rank (each rank scored only its share of them)."""
+    outputs = module._valid_outputs
+    local = tuple(torch.cat([o[k] for o in outputs]).numpy() for k in range(3))
+    shares = [local]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shares = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shares, local)
+    probabilities = np.zeros((count, local[0].shape[1]), np.float32)
+    targets = np.zeros(count, np.int64)
+    seen = np.zeros(count, bool)
+    for share_probabilities, share_targets, rows in shares:
+        # Padding repeats a clip on another rank; its copies are equal, either one serves.
+        probabilities[rows], targets[rows], seen[rows] = share_probabilities, share_targets, True
+    if not seen.all():
+        raise RuntimeError(f"validation scored {int(seen.sum())} of {count} clips")
+    return probabilities, targets
+
+
+def _prepare_all(table: pd.DataFrame, cache, features: FeatureConfig, progress: bool):
+    """Prepare every clip before training. Under a launcher that starts several
+    processes (torchrun, srun), each first prepares its own shard, then whatever is
+    still missing: entries are renamed into place whole, so a clip done twice is only
+    wasted work, and every process returns with the whole cache; no barrier needed.
+    (Lightning's own launcher starts its processes after this ran in the first.)"""
+    cache = cache or DEFAULT_CACHE
+    rank, world = _launch_rank()
+    workers = None
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        workers = max(1, (os.cpu_count() or 1) // local)
+        prepare(table, cache, features, workers, shard=(rank, world), progress=False)
+    return prepare(table, cache, features, workers, progress=progress and is_global_zero())
+
+
 def _setup(clips, out, valid, features, model, config, cache, pretrained, progress) -> _Run:
     out.mkdir(parents=True, exist_ok=True)
     # Reading crops from memory-mapped features is cheap: extra loader processes would
@@ -345,10 +464,9 @@ def _setup(clips, out, valid, features, model, config, cache, pretrained, progre
     L.seed_everything(config.seed, workers=True, verbose=False)
     if valid is None:
         clips, valid = holdout(clips, 0.2, config.seed)
-    feature_cache, report = prepare(
-        pd.concat([clips, valid]), cache or DEFAULT_CACHE, features, progress=progress
-    )
-    report.write_failures(out / "failures.csv")
+    feature_cache, report = _prepare_all(pd.concat([clips, valid]), cache, features, progress)
+    if is_global_zero():
+        report.write_failures(out / "failures.csv")
     if report.failed:
         warnings.warn(
             f"{report.failed} clips could not be decoded and are left out "
@@ -375,7 +493,9 @@ def _setup(clips, out, valid, features, model, config, cache, pretrained, progre
     train_set = CachedClips(
         feature_cache, clips["path"], clips["label"].map(index), view, True, weights
     )
-    valid_set = CachedClips(feature_cache, valid["path"], valid["label"].map(index), view, False)
+    valid_set = _Numbered(
+        CachedClips(feature_cache, valid["path"], valid["label"].map(index), view, False)
+    )
     sampler = None
     if config.balanced:
         counts = clips["label"].map(clips["label"].value_counts()).to_numpy()
@@ -441,11 +561,16 @@ def train(
         Pick the head's learning rate with Lightning's LR finder (``--lr auto``);
         the body's keeps its ratio to the head's.
     devices, num_nodes
-        Passed to Lightning's Trainer.
+        Passed to Lightning's Trainer. Several processes (here, under torchrun or under
+        SLURM) train with DDP: ``config.batch_size`` is per process, every process
+        runs this function, and only rank 0 writes the run's files; the validation
+        scores cover all clips, gathered from every rank.
     """
     features = features or FeatureConfig()
     config = config or TrainConfig()
     out = Path(out)
+    if lr_find and distribution(devices, num_nodes)[2] == "ddp":
+        raise ValueError("--lr auto runs in one process: run lr-find first, then train with --lr")
     run = _setup(
         clips, out, valid, features, model or ModelConfig(), config, cache, pretrained, progress
     )
@@ -471,8 +596,7 @@ def train(
     module.set_stage(2)
 
     trainer.validate(module, run.valid_loader, verbose=False)
-    probabilities = torch.cat([p for p, _ in module._valid_outputs]).numpy()
-    targets = torch.cat([t for _, t in module._valid_outputs]).numpy()
+    probabilities, targets = _gather_valid_outputs(module, len(run.valid))
     metrics = score(probabilities, targets, run.labels)
     model_path = out / "model.safetensors"
     if trainer.is_global_zero:
@@ -582,7 +706,9 @@ def cross_validate(
 ) -> CVResult:
     """Train and score one model per fold (:func:`soundsight.evaluation.make_folds`:
     stratified, grouped where the dataset has groups); ``out/fold{k}`` holds each run
-    and ``out/cv.json`` the per-fold scores with their mean and standard deviation."""
+    and ``out/cv.json`` the per-fold scores with their mean and standard deviation.
+    Under DDP every process draws the same seeded folds, and Lightning's distributed
+    sampler shards each fold's training and validation clips across the ranks."""
     out = Path(out)
     config = config or TrainConfig()
     folds = make_folds(clips, n_folds, config.seed)
@@ -602,7 +728,7 @@ def cross_validate(
             **train_options,
         )
         rows.append({"fold": k, **{key: result.metrics[key] for key in SUMMARY}})
-        if progress:
+        if progress and is_global_zero():
             print(
                 f"fold {k}: accuracy {result.metrics['accuracy']:.4f} "
                 f"MAP@3 {result.metrics['map3']:.4f} ({result.metrics['clips']} clips)"
@@ -610,5 +736,7 @@ def cross_validate(
     frame = pd.DataFrame(rows)
     mean = frame[list(SUMMARY)].mean().to_dict()
     std = frame[list(SUMMARY)].std(ddof=0).to_dict()
-    (out / "cv.json").write_text(json.dumps({"folds": rows, "mean": mean, "std": std}, indent=2))
+    if is_global_zero():
+        summary = {"folds": rows, "mean": mean, "std": std}
+        (out / "cv.json").write_text(json.dumps(summary, indent=2))
     return CVResult(rows, mean, std)

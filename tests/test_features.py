@@ -142,3 +142,15 @@ def test_gpu_matches_cpu(fsdd_clips, esc_clips):
         gpu = LogMel(cfg).cuda()(batch.cuda(), lengths.cuda()).cpu()
     diff = (gpu - cpu).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.1
+
+
+def test_denormal_flushing_is_scoped(fsdd_clips, tmp_path):
+    from soundsight import prepare
+    from soundsight.features import _flushing_denormals, flush_denormals
+
+    assert not _flushing_denormals()
+    with flush_denormals():
+        assert _flushing_denormals()
+    assert not _flushing_denormals()  # the process's mode is restored...
+    prepare([str(fsdd_clips[0])], tmp_path, workers=0, progress=False)
+    assert not _flushing_denormals()  # ...also after preparing in this process

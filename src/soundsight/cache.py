@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError, load_clip
 from .config import config_from_dict, config_to_dict
-from .features import FeatureConfig, LogMel
+from .features import FeatureConfig, LogMel, flush_denormals
 
 #: Most clips handed to a worker at once, and most source bytes in one such chunk:
 #: small enough to keep memory bounded for long clips, large enough to amortise IPC.
@@ -286,10 +286,11 @@ def run_clip_jobs(
         if workers == 0 or len(chunks) <= 1:
             previous = dict(_WORKER)
             threads = torch.get_num_threads()  # _init_worker sets 1; the caller's is restored
-            _init_worker(setup, setup_args)
             try:
-                for chunk in chunks:
-                    collect(_run_chunk(chunk))
+                with flush_denormals():  # _init_worker's flushing must not outlive this
+                    _init_worker(setup, setup_args)
+                    for chunk in chunks:
+                        collect(_run_chunk(chunk))
             finally:
                 _WORKER.clear()
                 _WORKER.update(previous)

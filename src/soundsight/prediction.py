@@ -20,7 +20,7 @@ from .cache import DEFAULT_CACHE, prepare
 from .config import config_from_dict
 from .data import CachedClips, ClipView, collate_windows
 from .evaluation import score
-from .features import FeatureConfig, LogMel
+from .features import FeatureConfig, LogMel, flush_denormals
 from .models import ModelConfig, SoundNet, clip_probabilities, read_model_file
 
 #: Windows scored per forward pass in batch prediction. On a CPU small batches win:
@@ -47,9 +47,6 @@ class Classifier:
         self.metadata = metadata
         self.view = ClipView.for_model(net.config, features)
         self.logmel = LogMel(features)
-        # Silent stretches make subnormal floats in the STFT and the network, which
-        # slow CPU inference by half or more; flushing them changes no decision.
-        torch.set_flush_denormal(True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
@@ -87,14 +84,14 @@ class Classifier:
             wave = np.asarray(clip, np.float32)
         else:
             wave = load_clip(clip, self.features.sample_rate, max_duration)
-        with torch.inference_mode():
+        with torch.inference_mode(), flush_denormals():
             return self.logmel(torch.from_numpy(wave)[None].to(self.device))[0].cpu().numpy()
 
     def probabilities(self, log_mels: Sequence[np.ndarray]) -> np.ndarray:
         """Class probabilities ``(clips, labels)`` of log-mels, windows averaged."""
         views = [torch.from_numpy(self.view.windows(db))[:, None] for db in log_mels]
         counts = torch.tensor([len(v) for v in views])
-        with torch.inference_mode():
+        with torch.inference_mode(), flush_denormals():
             return (
                 clip_probabilities(self.net, torch.cat(views).to(self.device), counts).cpu().numpy()
             )
@@ -134,7 +131,7 @@ class Classifier:
         def score_pending():
             counts = torch.tensor([len(w) for _, w in pending])
             windows = torch.cat([w for _, w in pending]).to(self.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), flush_denormals():
                 probabilities = clip_probabilities(self.net, windows, counts).cpu().numpy()
             rows.extend(zip([p for p, _ in pending], probabilities, strict=True))
             pending.clear()
@@ -171,8 +168,7 @@ class _DecodedClips(torch.utils.data.Dataset):
             wave = load_clip(path, self.features.sample_rate)
         except AudioError as err:
             return path, None, err.reason
-        torch.set_flush_denormal(True)  # per worker process, as in Classifier
-        with torch.inference_mode():
+        with torch.inference_mode(), flush_denormals():
             db = self.logmel(torch.from_numpy(wave)[None])[0].numpy()
         return path, torch.from_numpy(self.view.windows(db))[:, None], None
 
@@ -232,7 +228,7 @@ def evaluate(
     dataset = CachedClips(feature_cache, clips["path"], targets, classifier.view, train=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size, collate_fn=collate_windows)
     batches = []
-    with torch.inference_mode():
+    with torch.inference_mode(), flush_denormals():
         for windows, _, _, counts in tqdm(loader, desc="evaluate", disable=not progress):
             batches.append(
                 clip_probabilities(classifier.net, windows.to(classifier.device), counts)

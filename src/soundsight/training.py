@@ -29,7 +29,7 @@ from .cache import DEFAULT_CACHE, FeatureCache, prepare
 from .config import config_to_dict
 from .data import CachedClips, ClipView, collate_windows
 from .evaluation import holdout, make_folds, score
-from .features import FeatureConfig
+from .features import FeatureConfig, flush_denormals
 from .models import ModelConfig, SoundNet, clip_probabilities, save_model_file
 from .plots import plot_lr_find
 
@@ -460,7 +460,6 @@ def _setup(clips, out, valid, features, model, config, cache, pretrained, progre
     # Reading crops from memory-mapped features is cheap: extra loader processes would
     # only take cores from the model, so Lightning's advice to add some is silenced.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    torch.set_flush_denormal(True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     if valid is None:
         clips, valid = holdout(clips, 0.2, config.seed)
@@ -521,6 +520,7 @@ def _setup(clips, out, valid, features, model, config, cache, pretrained, progre
     return _Run(module, train_loader, valid_loader, valid, labels, model, report.failures)
 
 
+@flush_denormals()
 def train(
     clips: pd.DataFrame,
     out: str | Path,
@@ -615,6 +615,7 @@ def train(
     return TrainResult(model_path, metrics, read_history(out / "history.csv"), run.failures)
 
 
+@flush_denormals()
 def lr_find(
     clips: pd.DataFrame,
     out: str | Path,

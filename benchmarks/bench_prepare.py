@@ -61,6 +61,7 @@ import psutil  # noqa: E402
 import soundfile as sf  # noqa: E402
 import soxr  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from PIL import Image  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
@@ -90,16 +91,6 @@ BLOG_FIGSIZE, BLOG_DPI = (2.24, 2.24), 100
 
 def log(message: str = "") -> None:
     print(message, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_revision() -> str:

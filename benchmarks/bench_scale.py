@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 import psutil
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 FSDD = REPO.parent / "shared" / "datasets" / "fsdd" / "recordings"
@@ -186,7 +186,7 @@ def main() -> None:
 
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} x {platform.processor() or platform.machine()}",
+        "machine": f"{os.cpu_count()} x {cpu_model()}",
         "memory_total_bytes": psutil.virtual_memory().total,
         "load_average_at_start": load_before,
         "torch": torch.__version__,

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -162,16 +163,6 @@ def percentile(ordered: list[float], q: float) -> float:
     """Nearest-rank percentile of sorted values."""
     rank = max(1, -(-len(ordered) * q // 100))
     return ordered[int(rank) - 1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:
@@ -306,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(),
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "load_start": load_start,
             "load_end": os.getloadavg()[0],
             "python": platform.python_version(),

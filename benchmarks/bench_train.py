@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from machine import cpu_model
 
 import soundsight as ss
 from soundsight.prediction import Classifier
@@ -150,7 +150,7 @@ def main() -> None:
     results = json.loads(previous.read_text()) if previous.exists() else {}
     results |= {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+        "machine": f"{os.cpu_count()} CPU cores, {cpu_model()}, "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}",
         "load_average_at_start": os.getloadavg(),
     }

@@ -131,6 +131,13 @@ def test_colorize_maps_floor_and_peak_and_puts_low_frequencies_at_the_bottom():
     ).all()
 
 
+def test_colorize_equals_matplotlibs_colour_map_on_a_real_clip(esc_clips):
+    config = FeatureConfig()
+    db = log_mel(load_clip(esc_clips[0], config.sample_rate), config)
+    expected = matplotlib.colormaps["magma"](1 - db[::-1] / config.floor_db, bytes=True)
+    np.testing.assert_array_equal(colorize(db, config.floor_db), expected[..., :3])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_matches_cpu(fsdd_clips, esc_clips):
     cfg = FeatureConfig()

@@ -1,5 +1,5 @@
-"""export-images: one RGB PNG per clip at the asked size, in label folders, resumable,
-with broken clips listed in failures.csv."""
+"""export-images: one colour-mapped PNG per clip at the asked size, in label folders,
+resumable, with broken clips listed in failures.csv."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from soundsight import FeatureConfig, export_images, load_clip, load_dataset, log_mel
-from soundsight.features import colorize
+from soundsight.features import colorize, colour_table
 from soundsight.images import image_paths, spectrogram_image
 
 SMALL = FeatureConfig(n_mels=64)
@@ -23,7 +23,7 @@ def pngs(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.png"))
 
 
-def test_one_rgb_png_per_clip_in_label_folders(tmp_path, fsdd_subset, fsdd_clips):
+def test_one_png_per_clip_in_label_folders(tmp_path, fsdd_subset, fsdd_clips):
     table = load_dataset(fsdd_subset)
     out = tmp_path / "images"
     report = export_images(table, out, SMALL, size=96, workers=0, progress=False)
@@ -34,8 +34,12 @@ def test_one_rgb_png_per_clip_in_label_folders(tmp_path, fsdd_subset, fsdd_clips
     )
     for path in written:
         with Image.open(path) as image:
-            assert image.format == "PNG" and image.mode == "RGB" and image.size == (96, 96)
-            assert len(image.getcolors(96 * 96)) > 50  # a spectrogram, not a flat fill
+            assert image.format == "PNG" and image.size == (96, 96)
+            rgb = image.convert("RGB")
+            assert len(rgb.getcolors(96 * 96)) > 50  # a spectrogram, not a flat fill
+            # every pixel is a colour of the colour map (no blends between its colours)
+            colours = {tuple(c) for c in colour_table("magma")}
+            assert {c for _, c in rgb.getcolors(96 * 96)} <= colours
     with open(out / "failures.csv", newline="") as handle:
         assert list(csv.reader(handle)) == [["path", "reason"]]
 
@@ -49,15 +53,26 @@ def test_image_is_the_colour_mapped_log_mel(tmp_path, fsdd_clips):
         log_mel(load_clip(clip, SMALL.sample_rate), SMALL), SMALL.floor_db, 128
     )
     with Image.open(out / f"{clip.stem}.png") as image:
-        difference = np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16))
-    assert difference.mean() < 1.0
+        np.testing.assert_array_equal(
+            np.asarray(image.convert("RGB")), np.asarray(expected.convert("RGB"))
+        )
 
 
 def test_unresized_image_is_frames_wide_and_mels_high(fsdd_clips):
     db = log_mel(load_clip(fsdd_clips[0], SMALL.sample_rate), SMALL)
     image = spectrogram_image(db, SMALL.floor_db, size=None)
     assert image.size == (db.shape[1], SMALL.n_mels)
-    np.testing.assert_array_equal(np.asarray(image), colorize(db, SMALL.floor_db))
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), colorize(db, SMALL.floor_db))
+
+
+def test_palette_png_reads_as_the_rgb_colour_map_in_other_readers(tmp_path, esc_clips):
+    """Users load the PNGs with torchvision or fastai (PIL .convert("RGB")): both see RGB."""
+    from torchvision.io import ImageReadMode, read_image
+
+    db = log_mel(load_clip(esc_clips[0], SMALL.sample_rate), SMALL)
+    spectrogram_image(db, SMALL.floor_db, size=None).save(tmp_path / "clip.png")
+    pixels = read_image(str(tmp_path / "clip.png"), ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(pixels, colorize(db, SMALL.floor_db))
 
 
 def test_rerun_skips_existing_images(tmp_path, esc_subset):

@@ -141,7 +141,7 @@ def test_lr_schedule_matches_what_the_training_module_configures():
     from soundsight.models import ModelConfig, SoundNet
     from soundsight.training import ClipClassifier, TrainConfig
 
-    config = TrainConfig(stage1_epochs=0, stage2_epochs=2, lr=3e-3, body_lr=5e-4)
+    config = TrainConfig(stage1_epochs=0, stage2_epochs=2, lr=3e-3, stage2_lr=1e-3, body_lr=5e-4)
     net = SoundNet(ModelConfig(crop_seconds=1.0), 3, -80.0, pretrained=False)
     module = ClipClassifier(net, config, 3, -80.0)
     module.set_stage(2)
@@ -155,7 +155,8 @@ def test_lr_schedule_matches_what_the_training_module_configures():
         optimizer.step()
         scheduler.step()
     expected = plots.lr_schedule(
-        {"stage1_epochs": 0, "stage2_epochs": 2, "lr": 3e-3, "body_lr": 5e-4}, steps
+        {"stage1_epochs": 0, "stage2_epochs": 2, "lr": 3e-3, "stage2_lr": 1e-3, "body_lr": 5e-4},
+        steps,
     )
     np.testing.assert_allclose(expected[["head_lr", "body_lr"]].to_numpy(), actual, rtol=1e-9)
 

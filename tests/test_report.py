@@ -89,24 +89,6 @@ def test_lr_schedule_without_checkpoints_and_lr_finder_data(plotted_run, tmp_pat
     assert len(data["lr_schedule"]) == 100 * train["stage2_epochs"]
 
 
-def test_embedding_windows_cover_the_clip_side_by_side():
-    from soundsight.data import ClipView
-
-    view = ClipView(-80.0, frames=100)
-    db = np.arange(128 * 431, dtype=np.float32).reshape(128, 431)
-    windows = report.embedding_windows(view, db)
-    assert windows.shape == (5, 128, 100)
-    for window, start in zip(windows, (0, 100, 200, 300, 331), strict=True):
-        np.testing.assert_array_equal(window, db[:, start : start + 100])
-    assert len(view.windows(db)) > len(windows)  # fewer than the half-overlapping ones
-    exact = report.embedding_windows(view, db[:, :300])
-    assert exact.shape == (3, 128, 100)
-    short = report.embedding_windows(view, db[:, :40])
-    np.testing.assert_array_equal(short, view.windows(db[:, :40]))  # one padded view
-    squash = ClipView(-80.0, size=64)
-    np.testing.assert_array_equal(report.embedding_windows(squash, db), squash.windows(db))
-
-
 def test_embeddings_average_each_clips_windows(plotted_run):
     from soundsight.prediction import Classifier
 

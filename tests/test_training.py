@@ -57,6 +57,67 @@ def test_model_file_alone_rebuilds_features_labels_and_predictions(tiny_model, t
     assert classifier.predict(clip.read_bytes(), 3) == pytest.approx(top)
 
 
+def test_loaded_model_folds_batch_norms_and_predicts_as_the_trained_network(tiny_model, esc_clips):
+    import torch
+
+    from soundsight.models import ModelConfig, SoundNet
+
+    classifier = Classifier.load(tiny_model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in classifier.net.modules())
+    tensors, metadata = read_model_file(tiny_model)
+    unfolded = SoundNet(
+        ModelConfig(**metadata["model"]),
+        len(classifier.labels),
+        classifier.features.floor_db,
+        pretrained=False,
+    )
+    unfolded.backbone.load_state_dict(tensors)
+    windows = torch.from_numpy(classifier.view.windows(classifier.log_mel(esc_clips[0])))[:, None]
+    with torch.inference_mode():
+        expected = unfolded.eval()(windows).softmax(-1)
+        actual = classifier.net(windows).softmax(-1)
+    np.testing.assert_allclose(actual.numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_batch_norm_folding_leaves_a_network_it_would_change():
+    """A convolution whose output is used besides its batch norm cannot be folded."""
+    import torch
+
+    from soundsight.models import fold_batch_norms
+
+    class Shortcut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(3)
+            self.norm.running_mean.fill_(0.5)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.norm(y) + y
+
+    class Net(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    example = torch.rand(1, 3, 8, 8)
+    shortcut = Net(Shortcut())
+    assert fold_batch_norms(shortcut, example) == 0
+    assert isinstance(shortcut.backbone.norm, torch.nn.BatchNorm2d)
+    plain = Net(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    plain.backbone[1].running_var.fill_(4.0)
+    with torch.inference_mode():
+        expected = plain.eval()(example)
+    assert fold_batch_norms(plain, example) == 1
+    assert isinstance(plain.backbone[1], torch.nn.Identity)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(example), expected)
+
+
 def test_model_file_loading_runs_no_pickle(tiny_model, tmp_path):
     # A .safetensors model: header JSON + raw tensors. A pickle disguised as a model is
     # refused as "not a soundsight model", never unpickled.
@@ -114,13 +175,19 @@ def test_predict_on_empty_folder_is_an_error(tiny_model, tmp_path, run_cli):
 
 def test_sliding_windows_cover_long_clips(tiny_model):
     classifier = Classifier.load(tiny_model)
-    frames = classifier.view.frames
-    long = np.zeros((classifier.features.n_mels, 5 * frames + 3), np.float32)
-    windows = classifier.view.windows(long)
-    assert windows.shape[1:] == (classifier.features.n_mels, frames)
-    assert len(windows) >= 10  # half-overlapping windows reach the end of the clip
+    frames, n_mels = classifier.view.frames, classifier.features.n_mels
+    for length in (frames + 1, 5 * frames // 3, 5 * frames + 3):
+        # each cell holds its frame's index, so a window's first cell is its start
+        long = np.tile(np.arange(length, dtype=np.float32), (n_mels, 1))
+        windows = classifier.view.windows(long)
+        assert windows.shape[1:] == (n_mels, frames)
+        starts = windows[:, 0, 0].astype(int)
+        assert starts[0] == 0 and starts[-1] == length - frames  # the whole clip
+        steps = np.diff(starts)
+        assert steps.max() <= 2 * frames / 3  # overlapping by a third at least
+        assert steps.max() - steps.min() <= 1  # evenly spaced
     short = classifier.view.windows(long[:, :3])
-    assert short.shape == (1, classifier.features.n_mels, frames)
+    assert short.shape == (1, n_mels, frames)
 
 
 def test_submission_format():
@@ -282,7 +349,8 @@ def test_seed_recipe_is_the_blogs():
     model, config = seed_recipe(9)
     assert (model.image_size, model.imagenet_normalization, model.encoding) == (224, True, "magma")
     assert (config.mixup, config.freq_masks, config.time_masks) == (0, 0, 0)
-    assert (config.body_lr, config.stage1_epochs + config.stage2_epochs) == (1e-5, 9)
+    assert (config.lr, config.stage2_lr, config.body_lr) == (3e-3, 1e-4, 1e-5)
+    assert config.stage1_epochs + config.stage2_epochs == 9
 
 
 def test_cross_validation_reports_mean_and_spread(esc50_dir, tmp_path):

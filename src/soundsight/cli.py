@@ -158,6 +158,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--lr", help=f"head learning rate, or 'auto' for the LR finder (default {defaults.lr})"
     )
     group.add_argument(
+        "--stage2-lr", type=float, help="head learning rate in stage 2 (default: --lr)"
+    )
+    group.add_argument(
         "--body-lr", type=float, help=f"body learning rate in stage 2 (default {defaults.body_lr})"
     )
     for name in (
@@ -209,6 +212,7 @@ def _recipe(args: argparse.Namespace):
     overrides = {
         name: getattr(args, name)
         for name in (
+            "stage2_lr",
             "body_lr",
             "batch_size",
             "mixup",

@@ -1,7 +1,12 @@
 """Colour-mapped log-mel PNGs, one per clip, as the blog recipe's images.
 
-Made from arrays with matplotlib's colour map lookup and Pillow, without creating
-matplotlib figures (the blog's per-clip ``specshow`` + ``savefig`` is its slowest step).
+Made from arrays with matplotlib's colour map and Pillow, without creating matplotlib
+figures (the blog's per-clip ``specshow`` + ``savefig`` is its slowest step).
+
+The PNGs are palette images: one byte per pixel, the colour map as the palette. Every
+reader shows (and ``Image.convert("RGB")`` returns) the same colours as an RGB file,
+but encoding one takes a third of the time, at half the file size (38 vs 74 kB for a
+224 px ESC-50 clip).
 """
 
 from __future__ import annotations
@@ -16,15 +21,20 @@ import pandas as pd
 from PIL import Image
 
 from .cache import JobReport, featurise_job, run_clip_jobs
-from .features import FeatureConfig, colorize
+from .features import FeatureConfig, colour_index, colour_table
 
 
 def spectrogram_image(
     db: np.ndarray, floor_db: float, size: int | None = 224, cmap: str = "magma"
 ) -> Image.Image:
-    """RGB image of a log-mel in dB, resized to ``size`` x ``size`` (None keeps it)."""
-    image = Image.fromarray(colorize(db, floor_db, cmap))
-    return image if size is None else image.resize((size, size), Image.Resampling.BILINEAR)
+    """Palette image (mode ``"P"``) of a log-mel in dB, resized to ``size`` x ``size``
+    (None keeps it). Resizing interpolates the dB values' colour-map positions, so every
+    pixel has a colour of the map; ``.convert("RGB")`` gives the RGB image."""
+    image = Image.fromarray(colour_index(db, floor_db))
+    if size is not None:
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    image.putpalette(colour_table(cmap).tobytes())
+    return image
 
 
 def image_paths(table: pd.DataFrame, out: Path) -> dict[str, Path]:
@@ -48,9 +58,7 @@ def _write_png(
     target = targets[path]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    # zlib level 1: encoding at the default level 6 took 9.5 ms of the 14 ms a clip
-    # costs, for files only 9% smaller (66 vs 73 kB).
-    spectrogram_image(db, floor_db, size, cmap).save(tmp, format="PNG", compress_level=1)
+    spectrogram_image(db, floor_db, size, cmap).save(tmp, format="PNG")
     os.replace(tmp, target)
 
 

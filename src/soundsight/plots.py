@@ -135,7 +135,9 @@ def lr_schedule(train: Mapping, steps: int | Mapping[int, int]) -> pd.DataFrame:
         if epochs <= 0:
             continue
         per_epoch = max(1, int(steps[stage] if isinstance(steps, Mapping) else steps))
-        peaks = [train["lr"]] + ([train["body_lr"]] if stage == 2 else [])
+        head = train.get("stage2_lr") if stage == 2 else None  # None: the stage-1 rate
+        peaks = [train["lr"] if head is None else head]
+        peaks += [train["body_lr"]] if stage == 2 else []
         rates = one_cycle(peaks, epochs * per_epoch)
         index = np.arange(len(rates))
         frames.append(

@@ -223,20 +223,6 @@ def _fast_autocast(device: torch.device):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(fast))
 
 
-def embedding_windows(view, db: np.ndarray) -> np.ndarray:
-    """The views a clip is embedded from: like the evaluation windows, but side by side
-    rather than half-overlapping (the last one flush with the clip's end). They cover
-    the clip the same way at about 2/3 of the cost for 5-second clips in 3-second
-    windows; short clips and squash mode give the single evaluation view."""
-    if view.size is not None or db.shape[1] <= view.frames:
-        return view.windows(db)
-    length, frames = db.shape[1], view.frames
-    starts = list(range(0, length - frames + 1, frames))
-    if starts[-1] != length - frames:
-        starts.append(length - frames)
-    return np.stack([np.asarray(db[:, s : s + frames], np.float32) for s in starts])
-
-
 def idle_threads() -> int:
     """torch threads worth using now: the cores not busy with other processes (the
     1-minute load average, this process counted as idle), at most torch's setting.
@@ -254,8 +240,7 @@ def clip_embeddings(
     classifier, log_mels: Sequence[np.ndarray], batch_windows: int = 64
 ) -> np.ndarray:
     """Penultimate embeddings ``(clips, dim)`` of :class:`~soundsight.prediction.Classifier`'s
-    network: the mean over each clip's windows (:func:`embedding_windows`), as its
-    probabilities are the mean over its evaluation windows."""
+    network: the mean over each clip's evaluation windows, as its probabilities are."""
     net, view = classifier.net.eval(), classifier.view
     out: list[torch.Tensor] = []
     pending: list[np.ndarray] = []
@@ -275,7 +260,7 @@ def clip_embeddings(
     torch.set_num_threads(idle_threads())
     try:
         for db in log_mels:
-            windows = embedding_windows(view, db)
+            windows = view.windows(db)
             pending.append(windows)
             counts.append(len(windows))
             if sum(counts) >= batch_windows:

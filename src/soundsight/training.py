@@ -46,7 +46,10 @@ class TrainConfig:
     stage1_epochs, stage2_epochs : int
         Epochs with the body frozen, then with everything trainable.
     lr : float
-        Peak (one-cycle) learning rate of the head; stage 1 uses it too.
+        Peak (one-cycle) learning rate of the head in stage 1, and in stage 2 unless
+        ``stage2_lr`` is set.
+    stage2_lr : float or None
+        Peak learning rate of the head in stage 2 (None: ``lr``).
     body_lr : float
         Peak learning rate of the body in stage 2 (discriminative rates).
     batch_size, weight_decay : ...
@@ -72,6 +75,7 @@ class TrainConfig:
     stage1_epochs: int = 1
     stage2_epochs: int = 9
     lr: float = 2e-3
+    stage2_lr: float | None = None
     body_lr: float = 1e-3
     batch_size: int = 16
     weight_decay: float = 0.01
@@ -106,6 +110,7 @@ def seed_recipe(epochs: int = 10) -> tuple[ModelConfig, TrainConfig]:
             stage1_epochs=stage1,
             stage2_epochs=epochs - stage1,
             lr=3e-3,
+            stage2_lr=1e-4,
             body_lr=1e-5,
             mixup=0.0,
             freq_masks=0,
@@ -207,11 +212,15 @@ class ClipClassifier(L.LightningModule):
         self._valid_outputs.clear()
 
     def configure_optimizers(self):
+        # Rates are kept in proportion to self.lr, which Lightning's LR finder changes.
+        scale = self.lr / self.config.lr
         head_lr = self.lr
+        if self.stage == 2 and self.config.stage2_lr is not None:
+            head_lr = self.config.stage2_lr * scale
         groups = [{"params": self.net.head_parameters(), "lr": head_lr}]
         peaks = [head_lr]
         if self.stage == 2:
-            body_lr = self.config.body_lr * head_lr / self.config.lr
+            body_lr = self.config.body_lr * scale
             groups.append({"params": self.net.body_parameters(), "lr": body_lr})
             peaks.append(body_lr)
         optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
@@ -577,7 +586,13 @@ def train(
     module = run.module
     if lr_find:
         module.lr = find_learning_rate(module, run.train_loader, out / "lr_find.png", progress)
-        config = replace(config, lr=module.lr, body_lr=module.lr * config.body_lr / config.lr)
+        scale = module.lr / config.lr
+        config = replace(
+            config,
+            lr=module.lr,
+            body_lr=config.body_lr * scale,
+            stage2_lr=None if config.stage2_lr is None else config.stage2_lr * scale,
+        )
         module.config = config
         if progress:
             print(

@@ -125,9 +125,10 @@ class LogMel(torch.nn.Module):
             return_complex=True,
         )
         power = spec.real.square() + spec.imag.square()
-        batch, bins, frames = power.shape
+        # One sparse product for the whole batch: (bins, batch * frames).
+        batch, bins, steps = power.shape
         mel = torch.sparse.mm(self.mel_basis, power.transpose(0, 1).reshape(bins, -1))
-        mel = mel.view(-1, batch, frames).transpose(0, 1)
+        mel = mel.view(-1, batch, steps).transpose(0, 1)
         db = 10.0 * torch.log10(mel.clamp_min(AMIN))
         if lengths is not None:
             frames = 1 + lengths.clamp_min(cfg.n_fft) // cfg.hop_length

@@ -307,9 +307,9 @@ def fold_batch_norms(net: SoundNet, example: torch.Tensor) -> int:
             if isinstance(norm, BatchNormAct2d)
             else torch.nn.Identity()
         )
-        for name, module in ((names[conv], folded), (names[norm], replacement)):
+        for name, module in ((names[conv], folded), (names[norm], copy.deepcopy(replacement))):
             parent, _, attribute = name.rpartition(".")
-            setattr(modules[parent] if parent else backbone, attribute, copy.deepcopy(module))
+            setattr(modules[parent] if parent else backbone, attribute, module)
     original, net.backbone = net.backbone, backbone
     with torch.inference_mode():
         folded_output = net(example)

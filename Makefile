@@ -12,7 +12,7 @@ install:
 # official split with the offline EfficientNet-Lite0 weights and print the test accuracy.
 run: install
 	soundsight prepare $(DATA) --split all --out cache
-	soundsight export-images $(DATA) --split all --out runs/fsdd-images
+	soundsight export-images $(DATA) --split all --out runs/fsdd-images --cache cache
 	soundsight train $(DATA) --out runs/fsdd --cache cache
 
 test: install

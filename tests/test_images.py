@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from soundsight import FeatureConfig, export_images, load_clip, load_dataset, log_mel
+from soundsight import FeatureConfig, export_images, load_clip, load_dataset, log_mel, prepare
 from soundsight.features import colorize, colour_table
 from soundsight.images import image_paths, spectrogram_image
 
@@ -87,6 +87,36 @@ def test_rerun_skips_existing_images(tmp_path, esc_subset):
     after = {p: p.stat().st_mtime_ns for p in pngs(out)}
     assert after.keys() == before.keys()
     assert all(after[p] == before[p] for p in before if p != removed)
+
+
+def test_export_reads_prepared_log_mels_instead_of_decoding(tmp_path, esc_subset, monkeypatch):
+    import soundsight.cache
+
+    table = load_dataset(esc_subset)
+    prepared = table.iloc[:7]
+    prepare(prepared, tmp_path / "cache", SMALL, workers=0, progress=False)
+    fresh = tmp_path / "fresh"
+    export_images(table, fresh, SMALL, size=64, workers=0, progress=False)
+
+    decoded = []
+
+    def recording_load_clip(path, *args, **kwargs):
+        decoded.append(path)
+        return load_clip(path, *args, **kwargs)
+
+    monkeypatch.setattr(soundsight.cache, "load_clip", recording_load_clip)
+    out = tmp_path / "from_cache"
+    report = export_images(
+        table, out, SMALL, size=64, workers=0, progress=False, cache=tmp_path / "cache"
+    )
+    assert (report.done, report.failed) == (10, 0)
+    assert sorted(decoded) == sorted(table["path"].iloc[7:])  # only the clips not prepared
+    assert report.audio_seconds == pytest.approx(50.0, abs=0.1)  # 10 clips of 5 s
+    for png in pngs(fresh):
+        with Image.open(png) as a, Image.open(out / png.relative_to(fresh)) as b:
+            # the cache keeps float16 dB: a pixel may land one colour-map step away
+            difference = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+            assert difference.max() <= 1
 
 
 def test_bad_clips_go_to_failures_csv(tmp_path, fsdd_clips, make_bad_clips, bad_clip_reasons):

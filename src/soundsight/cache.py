@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -345,14 +346,36 @@ def featurise_clips(
         yield from flush()
 
 
-def featurise_job(config: FeatureConfig, write: Callable[[str, np.ndarray], object]) -> dict:
+def featurise_job(
+    config: FeatureConfig,
+    write: Callable[[str, np.ndarray], object],
+    cache: FeatureCache | None = None,
+) -> dict:
     """Worker set-up for :func:`run_clip_jobs`: decode and featurise each clip, then
-    ``write(path, log_mel)``; an ``OSError`` from ``write`` fails that clip only."""
+    ``write(path, log_mel)``; an ``OSError`` from ``write`` fails that clip only.
+    Clips already in ``cache`` (same config) are read from it instead of decoded."""
     logmel = LogMel(config)
 
+    def from_cache(chunk: list[str], decode: list[str]):
+        for path in chunk:
+            if cache is None or path not in cache:
+                decode.append(path)
+                continue
+            try:
+                features = np.asarray(cache.load(path, mmap=False), np.float32)
+            except (CacheError, OSError, ValueError):  # a damaged entry: decode instead
+                decode.append(path)
+                continue
+            # The clip's length to within one hop: the cache keeps frames, not samples.
+            yield path, features, None, config.frames_to_seconds(features.shape[1] - 1)
+
     def process(chunk: list[str]) -> list[tuple[str, str | None, float]]:
+        decode: list[str] = []
         results = []
-        for path, features, error, seconds in featurise_clips(chunk, config, logmel):
+        # featurise_clips starts once from_cache is exhausted: ``decode`` is complete.
+        for path, features, error, seconds in itertools.chain(
+            from_cache(chunk, decode), featurise_clips(decode, config, logmel)
+        ):
             if error is None:
                 try:
                     write(path, features)

@@ -102,7 +102,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_export_images(args: argparse.Namespace) -> int:
     report = export_images(
-        _dataset(args), args.out, _features(args), args.size, args.cmap, args.workers
+        _dataset(args),
+        args.out,
+        _features(args),
+        args.size,
+        args.cmap,
+        args.workers,
+        cache=args.cache,
     )
     print(report.summary("exported"))
     if report.failed:
@@ -461,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (one sub-folder per label)")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     p.add_argument("--cmap", default="magma", help="matplotlib colour map (default magma)")
+    p.add_argument(
+        "--cache",
+        help="read log-mels from this prepare folder where it has them, instead of decoding",
+    )
     _add_feature_args(p)
     _add_workers(p)
     p.set_defaults(func=cmd_export_images)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .cache import JobReport, featurise_job, run_clip_jobs
+from .cache import FeatureCache, JobReport, featurise_job, run_clip_jobs
 from .features import FeatureConfig, colour_index, colour_table
 
 
@@ -70,10 +70,16 @@ def export_images(
     cmap: str = "magma",
     workers: int | None = None,
     progress: bool = True,
+    cache: str | os.PathLike | None = None,
 ) -> JobReport:
     """Write one colour-mapped log-mel PNG per clip under ``out``; existing PNGs are
-    kept, so an interrupted export resumes. Failures go to ``out/failures.csv``."""
+    kept, so an interrupted export resumes. Failures go to ``out/failures.csv``.
+
+    With ``cache`` (a :func:`~soundsight.prepare` folder), clips it holds under
+    ``config`` are read from it instead of decoded; the rest are decoded.
+    """
     config = config or FeatureConfig()
+    store = None if cache is None else FeatureCache(cache, config)
     table = (
         clips
         if isinstance(clips, pd.DataFrame)
@@ -84,7 +90,9 @@ def export_images(
     targets = image_paths(table, out)
     todo = [p for p, target in targets.items() if not target.exists()]
     write = partial(_write_png, {p: targets[p] for p in todo}, config.floor_db, size, cmap)
-    report = run_clip_jobs(todo, featurise_job, (config, write), workers, "export-images", progress)
+    report = run_clip_jobs(
+        todo, featurise_job, (config, write, store), workers, "export-images", progress
+    )
     report.total = len(targets)
     report.skipped = len(targets) - len(todo)
     report.write_failures(out / "failures.csv")

@@ -101,9 +101,10 @@ class LogMel(torch.nn.Module):
             fmin=config.fmin,
             fmax=config.fmax,
         )
-        # Sparse: each FFT bin feeds at most two mel bands, so the filterbank is ~98%
-        # zeros and a sparse product is 3x faster than the dense matmul on a CPU.
-        self.register_buffer("mel_basis", torch.from_numpy(mel).to_sparse(), persistent=False)
+        self.register_buffer("mel_basis", torch.from_numpy(mel), persistent=False)
+        # Each FFT bin feeds at most two mel bands, so the filterbank is ~98% zeros: on a
+        # CPU a sparse product is 3x faster than the dense one (GPUs prefer dense).
+        self.register_buffer("sparse_mel_basis", self.mel_basis.to_sparse(), persistent=False)
         self.register_buffer("window", torch.hann_window(config.n_fft), persistent=False)
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,10 +126,13 @@ class LogMel(torch.nn.Module):
             return_complex=True,
         )
         power = spec.real.square() + spec.imag.square()
-        # One sparse product for the whole batch: (bins, batch * frames).
-        batch, bins, steps = power.shape
-        mel = torch.sparse.mm(self.mel_basis, power.transpose(0, 1).reshape(bins, -1))
-        mel = mel.view(-1, batch, steps).transpose(0, 1)
+        if power.device.type == "cpu":
+            # One sparse product for the whole batch: (bins, batch * frames).
+            batch, bins, steps = power.shape
+            mel = torch.sparse.mm(self.sparse_mel_basis, power.transpose(0, 1).reshape(bins, -1))
+            mel = mel.view(-1, batch, steps).transpose(0, 1)
+        else:
+            mel = torch.matmul(self.mel_basis, power)
         db = 10.0 * torch.log10(mel.clamp_min(AMIN))
         if lengths is not None:
             frames = 1 + lengths.clamp_min(cfg.n_fft) // cfg.hop_length

@@ -328,21 +328,26 @@ def bench_blog(paths: list[str], warm_path: str, tmp: Path, doc_clips: int) -> d
 # --------------------------------------------------------------------------- 2. librosa
 
 
+def librosa_log_mel(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """The librosa loop's features: librosa's own calls at soundsight's parameters."""
+    S = librosa.feature.melspectrogram(
+        y=y,
+        sr=cfg.sample_rate,
+        n_fft=cfg.n_fft,
+        hop_length=cfg.hop_length,
+        n_mels=cfg.n_mels,
+        fmin=cfg.fmin,
+        fmax=cfg.fmax,
+    )
+    return librosa.power_to_db(S, ref=np.max, top_db=cfg.top_db)
+
+
 def bench_librosa_loop(paths: list[str], cfg: FeatureConfig) -> dict:
     def one(path: str, stages: dict, i: int = 0) -> float:
         t0 = time.perf_counter()
         y, sr = librosa.load(path, sr=cfg.sample_rate)
         t1 = time.perf_counter()
-        S = librosa.feature.melspectrogram(
-            y=y,
-            sr=sr,
-            n_fft=cfg.n_fft,
-            hop_length=cfg.hop_length,
-            n_mels=cfg.n_mels,
-            fmin=cfg.fmin,
-            fmax=cfg.fmax,
-        )
-        librosa.power_to_db(S, ref=np.max, top_db=cfg.top_db)
+        librosa_log_mel(y, cfg)
         t2 = time.perf_counter()
         for name, seconds in (
             ("librosa.load (decode + resample)", t1 - t0),
@@ -591,22 +596,7 @@ def bench_breakdown(paths: list[str], cfg: FeatureConfig, tmp: Path) -> dict:
                     "resample 44.1->22.05 kHz (soxr HQ)",
                     lambda y=y, n=native: soxr.resample(y, n, cfg.sample_rate, quality="HQ"),
                 )
-                timed(
-                    "features: librosa mel + power_to_db",
-                    lambda w=w: librosa.power_to_db(
-                        librosa.feature.melspectrogram(
-                            y=w,
-                            sr=cfg.sample_rate,
-                            n_fft=cfg.n_fft,
-                            hop_length=cfg.hop_length,
-                            n_mels=cfg.n_mels,
-                            fmin=cfg.fmin,
-                            fmax=cfg.fmax,
-                        ),
-                        ref=np.max,
-                        top_db=cfg.top_db,
-                    ),
-                )
+                timed("features: librosa mel + power_to_db", lambda w=w: librosa_log_mel(w, cfg))
                 with torch.inference_mode():
                     db = timed(
                         "features: soundsight LogMel, 1 clip/batch",

@@ -53,8 +53,9 @@ def test_model_file_alone_rebuilds_features_labels_and_predictions(tiny_model, t
     from soundsight import load_clip
 
     wave = load_clip(clip, classifier.features.sample_rate)
-    assert classifier.predict(wave, 3) == pytest.approx(top)
-    assert classifier.predict(clip.read_bytes(), 3) == pytest.approx(top)
+    for other in (classifier.predict(wave, 3), classifier.predict(clip.read_bytes(), 3)):
+        assert [label for label, _ in other] == [label for label, _ in top]
+        assert [p for _, p in other] == pytest.approx(probabilities)
 
 
 def test_loaded_model_folds_batch_norms_and_predicts_as_the_trained_network(tiny_model, esc_clips):

@@ -2,6 +2,7 @@
 
 from .audio import AUDIO_EXTENSIONS, AudioError, decode_bytes, load_clip
 from .cache import CacheError, FeatureCache, JobReport, prepare
+from .errors import ConfigError, SoundsightError
 from .features import FeatureConfig, LogMel, colorize, log_mel
 from .images import export_images, spectrogram_image
 from .layouts import LAYOUTS, DatasetError, detect_layout, load_dataset
@@ -32,12 +33,14 @@ __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioError",
     "CacheError",
+    "ConfigError",
     "DatasetError",
     "FeatureCache",
     "FeatureConfig",
     "JobReport",
     "LAYOUTS",
     "LogMel",
+    "SoundsightError",
     "colorize",
     "decode_bytes",
     "detect_layout",

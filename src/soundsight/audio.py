@@ -15,11 +15,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import SoundsightError
+
 #: File extensions read as audio when scanning folders (soundfile/libsndfile formats).
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
-class AudioError(ValueError):
+class AudioError(SoundsightError, ValueError):
     """A clip that cannot be used, with the file it came from and the reason."""
 
     def __init__(self, source: str | os.PathLike, reason: str):

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError, load_clip
 from .config import config_from_dict, config_to_dict
+from .errors import ConfigError, SoundsightError
 from .features import FeatureConfig, LogMel, flush_denormals
 
 #: Most clips handed to a worker at once, and most source bytes in one such chunk:
@@ -51,7 +52,7 @@ BATCH_SAMPLES = 1 << 17
 DEFAULT_CACHE = Path(os.environ.get("SOUNDSIGHT_CACHE", Path.home() / ".cache" / "soundsight"))
 
 
-class CacheError(ValueError):
+class CacheError(SoundsightError, ValueError):
     """A cache folder that does not hold what was asked of it."""
 
 
@@ -424,7 +425,7 @@ def prepare(
     paths = sorted(set(map(str, paths)))
     index, count = shard
     if not 0 <= index < count:
-        raise ValueError(f"shard index must be in 0..{count - 1}, got {index}")
+        raise ConfigError(f"shard index must be in 0..{count - 1}, got {index}")
     paths = paths[index::count]
     cache = FeatureCache(out, config)
     cache.save_config()

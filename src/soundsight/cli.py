@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .audio import AudioError
-from .cache import CacheError, prepare
+from .cache import prepare
+from .errors import SoundsightError
 from .features import FeatureConfig
 from .images import export_images
 from .layouts import LAYOUTS, TEST_SIDES, DatasetError, load_dataset
-from .models import ENCODINGS, ModelConfig, ModelFileError, WeightsError
+from .models import ENCODINGS, ModelConfig
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -624,15 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     try:
         return args.func(args)
-    except (
-        DatasetError,
-        AudioError,
-        CacheError,
-        ModelFileError,
-        WeightsError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:
+    except SoundsightError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # files: not found, not readable, disk full
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

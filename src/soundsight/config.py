@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -24,7 +26,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     names = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+        raise ConfigError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
     values = {
         key: tuple(value) if isinstance(value, list) else value for key, value in data.items()
     }

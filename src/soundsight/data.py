@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import FeatureCache
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .features import FeatureConfig
@@ -38,7 +39,7 @@ class ClipView:
 
     def __post_init__(self):
         if (self.frames is None) == (self.size is None):
-            raise ValueError("set exactly one of frames (crop) or size (squash)")
+            raise ConfigError("set exactly one of frames (crop) or size (squash)")
 
     @classmethod
     def for_model(cls, model: ModelConfig, features: FeatureConfig) -> ClipView:
@@ -47,7 +48,7 @@ class ClipView:
         if model.image_size is not None:
             return cls(features.floor_db, size=model.image_size)
         if model.crop_seconds is None:
-            raise ValueError("the model config has no crop_seconds (train resolves it)")
+            raise ConfigError("the model config has no crop_seconds (train resolves it)")
         frames = max(1, round(model.crop_seconds * features.sample_rate / features.hop_length))
         return cls(features.floor_db, frames=frames)
 

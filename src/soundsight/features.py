@@ -22,6 +22,7 @@ import torch
 from librosa.filters import mel as mel_filterbank
 
 from .config import config_digest
+from .errors import ConfigError
 
 #: Floor on mel power before the logarithm, as librosa's ``amin``.
 AMIN = 1e-10
@@ -59,10 +60,10 @@ class FeatureConfig:
 
     def __post_init__(self):
         if self.sample_rate <= 0 or self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
-            raise ValueError(f"sample_rate, n_fft, hop_length and n_mels must be positive: {self}")
+            raise ConfigError(f"sample_rate, n_fft, hop_length and n_mels must be positive: {self}")
         nyquist = self.sample_rate / 2
         if not 0 <= self.fmin < (self.fmax or nyquist) <= nyquist:
-            raise ValueError(f"need 0 <= fmin < fmax <= sample_rate/2 ({nyquist} Hz): {self}")
+            raise ConfigError(f"need 0 <= fmin < fmax <= sample_rate/2 ({nyquist} Hz): {self}")
 
     @property
     def digest(self) -> str:

@@ -25,11 +25,12 @@ from pathlib import Path
 import pandas as pd
 
 from .audio import AUDIO_EXTENSIONS
+from .errors import SoundsightError
 
 COLUMNS = ("path", "label", "fold", "group", "verified")
 
 
-class DatasetError(ValueError):
+class DatasetError(SoundsightError, ValueError):
     """A dataset folder or manifest that cannot be read as clips."""
 
 

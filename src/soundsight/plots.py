@@ -30,6 +30,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .errors import ConfigError
 from .features import FeatureConfig, colorize
 
 #: Okabe & Ito's palette, distinguishable with the common colour-vision deficiencies.
@@ -187,7 +188,7 @@ def confusion_order(confusion: np.ndarray, order: str = "recall") -> np.ndarray:
         np.fill_diagonal(distance, 0.0)
         tree = linkage(squareform(distance, checks=False), "average", optimal_ordering=True)
         return leaves_list(tree)
-    raise ValueError(f"unknown order {order!r}; choose recall, cluster or label")
+    raise ConfigError(f"unknown order {order!r}; choose recall, cluster or label")
 
 
 def confusion_from_predictions(predictions: pd.DataFrame, labels: Sequence[str]) -> np.ndarray:
@@ -242,7 +243,7 @@ def tsne_positions(
     x = np.asarray(embeddings, dtype=np.float32)
     n = len(x)
     if n < 4:
-        raise ValueError(f"t-SNE needs at least 4 clips, got {n}")
+        raise ConfigError(f"t-SNE needs at least 4 clips, got {n}")
     if x.shape[1] > 50 and n > 50:
         x = PCA(50, random_state=seed).fit_transform(x)
     perplexity = perplexity or float(min(30.0, max(2.0, (n - 1) / 3)))
@@ -372,7 +373,7 @@ def plot_batch(
 ) -> Figure:
     """A grid of log-mel spectrograms (dB) with their labels (and file names)."""
     if not len(spectrograms):
-        raise ValueError("no spectrograms to show")
+        raise ConfigError("no spectrograms to show")
     floor = features.floor_db if features is not None else float(np.min(spectrograms[0]))
     figure, axes, _ = _grid(len(spectrograms), cols, (2.8, 2.2))
     for i, (db, label) in enumerate(zip(spectrograms, labels, strict=True)):
@@ -594,7 +595,7 @@ def plot_top_losses(
     true label, prediction with its probability, and loss."""
     n = len(losses)
     if n == 0:
-        raise ValueError("no clips to show")
+        raise ConfigError("no clips to show")
     floor = features.floor_db if features is not None else -80.0
     figure, axes, _ = _grid(n, cols, (3.3, 2.5))
     for i, row in enumerate(losses.itertuples(index=False)):

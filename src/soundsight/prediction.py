@@ -19,6 +19,7 @@ from .audio import AUDIO_EXTENSIONS, AudioError, decode_bytes, load_clip
 from .cache import DEFAULT_CACHE, prepare
 from .config import config_from_dict
 from .data import CachedClips, ClipView, collate_windows
+from .errors import ConfigError
 from .evaluation import score
 from .features import FeatureConfig, LogMel, flush_denormals
 from .models import (
@@ -64,7 +65,7 @@ class Classifier:
         net = SoundNet(model, len(metadata["labels"]), features.floor_db, pretrained=False)
         missing, unexpected = net.backbone.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: weights do not fit {model.backbone} "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
@@ -230,7 +231,7 @@ def evaluate(
     known = clips["label"].isin(classifier.labels)
     if not known.all():
         missing = sorted(clips.loc[~known, "label"].dropna().unique())
-        raise ValueError(f"labels unknown to the model: {', '.join(map(str, missing[:5]))}")
+        raise ConfigError(f"labels unknown to the model: {', '.join(map(str, missing[:5]))}")
     feature_cache, report = prepare(
         clips, cache or DEFAULT_CACHE, classifier.features, progress=progress
     )

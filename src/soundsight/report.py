@@ -55,6 +55,7 @@ from . import plots
 from .audio import AudioError, load_clip
 from .cache import DEFAULT_CACHE, CacheError, FeatureCache
 from .config import config_from_dict
+from .errors import ConfigError
 from .features import FeatureConfig, LogMel
 
 #: PNGs of a run folder, in report order.
@@ -790,7 +791,7 @@ def batch_figure(
     """
     features = features or FeatureConfig()
     if not len(clips):
-        raise ValueError("the dataset has no clips")
+        raise ConfigError("the dataset has no clips")
     sample = clips.sample(min(n, len(clips)), random_state=seed)
     sample = sample.assign(label=sample["label"].astype("string").fillna("(no label)"))
     sample = sample.sort_values(["label", "path"])
@@ -803,7 +804,7 @@ def batch_figure(
             labels.append(str(label))
             files.append(Path(path).name)
     if not shown:
-        raise ValueError("none of the sampled clips could be decoded")
+        raise ConfigError("none of the sampled clips could be decoded")
     return plots.plot_batch(
         shown,
         labels,

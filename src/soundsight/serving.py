@@ -43,6 +43,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from .audio import AudioError, decode_bytes
+from .errors import ConfigError
 from .images import spectrogram_image
 from .prediction import Classifier
 
@@ -85,11 +86,11 @@ class ServeConfig:
 
     def __post_init__(self):
         if self.max_upload_bytes <= 0 or self.max_duration <= 0:
-            raise ValueError(f"max_upload_bytes and max_duration must be positive: {self}")
+            raise ConfigError(f"max_upload_bytes and max_duration must be positive: {self}")
         if self.workers < 1 or self.queue_size < 0 or self.top_k < 1:
-            raise ValueError(f"need workers >= 1, queue_size >= 0, top_k >= 1: {self}")
+            raise ConfigError(f"need workers >= 1, queue_size >= 0, top_k >= 1: {self}")
         if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"torch_threads must be at least 1: {self}")
+            raise ConfigError(f"torch_threads must be at least 1: {self}")
 
     @property
     def capacity(self) -> int:

@@ -28,6 +28,7 @@ from timm.data import Mixup
 from .cache import DEFAULT_CACHE, FeatureCache, prepare
 from .config import config_to_dict
 from .data import CachedClips, ClipView, collate_windows
+from .errors import ConfigError
 from .evaluation import holdout, make_folds, score
 from .features import FeatureConfig, flush_denormals
 from .models import ModelConfig, SoundNet, clip_probabilities, save_model_file
@@ -92,7 +93,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.stage1_epochs < 0 or self.stage2_epochs < 0 or self.epochs < 1:
-            raise ValueError(f"need at least one epoch and none negative: {self}")
+            raise ConfigError(f"need at least one epoch and none negative: {self}")
 
     @property
     def epochs(self) -> int:
@@ -579,7 +580,7 @@ def train(
     config = config or TrainConfig()
     out = Path(out)
     if lr_find and distribution(devices, num_nodes)[2] == "ddp":
-        raise ValueError("--lr auto runs in one process: run lr-find first, then train with --lr")
+        raise ConfigError("--lr auto runs in one process: run lr-find first, then train with --lr")
     run = _setup(
         clips, out, valid, features, model or ModelConfig(), config, cache, pretrained, progress
     )

@@ -18,7 +18,7 @@ import pytest
 
 from soundsight import CacheError, FeatureCache, FeatureConfig, load_dataset, prepare
 from soundsight.evaluation import holdout, make_folds, map_at_k, score
-from soundsight.models import ModelFileError, read_model_file
+from soundsight.modelfile import ModelFileError, read_model_file
 from soundsight.prediction import Classifier, evaluate, submission
 from soundsight.training import TrainConfig, cross_validate, seed_recipe, train
 
@@ -37,11 +37,11 @@ def test_model_file_alone_rebuilds_features_labels_and_predictions(tiny_model, t
     moved = tmp_path / "elsewhere" / "digits.safetensors"
     moved.parent.mkdir()
     shutil.copy(tiny_model, moved)
-    _, metadata = read_model_file(moved)
-    assert metadata["labels"] == [str(d) for d in range(10)]
-    assert FeatureConfig(**metadata["features"]) == FeatureConfig()
-    assert metadata["model"]["crop_seconds"] > 0  # resolved from the data at training
-    assert set(metadata["metrics"]) >= {"accuracy", "error_rate", "map3"}
+    _, spec = read_model_file(moved)
+    assert spec.labels == tuple(str(d) for d in range(10))
+    assert spec.features == FeatureConfig()
+    assert spec.model.crop_seconds > 0  # resolved from the data at training
+    assert set(spec.metrics) >= {"accuracy", "error_rate", "map3"}
 
     classifier = Classifier.load(moved)
     clip = fsdd_dir / "recordings" / "7_theo_3.wav"
@@ -61,13 +61,13 @@ def test_model_file_alone_rebuilds_features_labels_and_predictions(tiny_model, t
 def test_loaded_model_folds_batch_norms_and_predicts_as_the_trained_network(tiny_model, esc_clips):
     import torch
 
-    from soundsight.models import ModelConfig, SoundNet
+    from soundsight.models import SoundNet
 
     classifier = Classifier.load(tiny_model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in classifier.net.modules())
-    tensors, metadata = read_model_file(tiny_model)
+    tensors, spec = read_model_file(tiny_model)
     unfolded = SoundNet(
-        ModelConfig(**metadata["model"]),
+        spec.model,
         len(classifier.labels),
         classifier.features.floor_db,
         pretrained=False,

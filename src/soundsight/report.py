@@ -94,7 +94,7 @@ def read_model_metadata(path: str | os.PathLike) -> dict:
     """The JSON config of a model file, without loading its weights."""
     from safetensors import safe_open
 
-    from .models import METADATA_KEY
+    from .modelfile import METADATA_KEY
 
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata() or {}

@@ -31,7 +31,8 @@ from .data import CachedClips, ClipView, collate_windows
 from .errors import ConfigError
 from .evaluation import holdout, make_folds, score
 from .features import FeatureConfig, flush_denormals
-from .models import ModelConfig, SoundNet, clip_probabilities, save_model_file
+from .modelfile import ModelSpec, save_model_file
+from .models import ModelConfig, SoundNet, clip_probabilities
 from .plots import plot_lr_find
 
 #: The headline scores kept in metrics.json, model files and CV summaries.
@@ -619,13 +620,13 @@ def train(
         save_model_file(
             model_path,
             module.net,
-            {
-                "labels": run.labels,
-                "features": config_to_dict(features),
-                "model": config_to_dict(run.model),
-                "train": config_to_dict(config),
-                "metrics": {k: metrics[k] for k in SUMMARY},
-            },
+            ModelSpec(
+                labels=tuple(run.labels),
+                features=features,
+                model=run.model,
+                train=config_to_dict(config),
+                metrics={k: metrics[k] for k in SUMMARY},
+            ),
         )
         write_metrics(out, metrics, run.labels, run.valid["path"].tolist(), probabilities, targets)
     return TrainResult(model_path, metrics, read_history(out / "history.csv"), run.failures)

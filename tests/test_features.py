@@ -161,3 +161,29 @@ def test_denormal_flushing_is_scoped(fsdd_clips, tmp_path):
     assert not _flushing_denormals()  # the process's mode is restored...
     prepare([str(fsdd_clips[0])], tmp_path, workers=0, progress=False)
     assert not _flushing_denormals()  # ...also after preparing in this process
+
+
+@pytest.mark.parametrize(
+    "sr, n_fft, n_mels, fmin, fmax",
+    [
+        (22050, 1024, 128, 20.0, None),
+        (8000, 512, 40, 0.0, 4000.0),
+        (44100, 2048, 96, 50.0, 16000.0),
+    ],
+)
+def test_mel_filterbank_is_librosas(sr, n_fft, n_mels, fmin, fmax):
+    from soundsight.features import mel_filterbank
+
+    ours = mel_filterbank(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    theirs = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    assert ours.shape == theirs.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-9)
+
+
+def test_importing_soundsight_loads_neither_librosa_nor_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, soundsight; print(sorted({'librosa', 'torch', 'lightning', 'timm'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

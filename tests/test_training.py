@@ -194,7 +194,9 @@ def test_sliding_windows_cover_long_clips(tiny_model):
 def test_submission_format():
     frame = pd.DataFrame({"path": ["/a/x.wav"], "Bass drum": [0.2], "Cello": [0.5], "Oboe": [0.3]})
     result = submission(frame, ["Bass drum", "Cello", "Oboe"], top_k=3)
-    assert result.to_dict("records") == [{"fname": "x.wav", "label": "Cello Oboe Bass_drum"}]
+    assert result.to_dict("records") == [
+        {"fname": "x.wav", "label": "Cello Oboe Bass_drum", "path": "/a/x.wav"}
+    ]
 
 
 # -- evaluation ---------------------------------------------------------------------

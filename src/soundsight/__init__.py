@@ -1,53 +1,61 @@
-"""soundsight: classify sounds by fine-tuning ImageNet CNNs on log-mel spectrograms."""
+"""soundsight: classify sounds by fine-tuning pretrained CNNs on log-mel spectrograms.
 
-from .audio import AUDIO_EXTENSIONS, AudioError, decode_bytes, load_clip
-from .cache import CacheError, FeatureCache, JobReport, prepare
-from .errors import ConfigError, SoundsightError
-from .features import FeatureConfig, LogMel, colorize, log_mel
-from .images import export_images, spectrogram_image
-from .layouts import LAYOUTS, DatasetError, detect_layout, load_dataset
+Every public name loads its module on first use, so ``import soundsight`` (and the
+CLI's ``--help``) stay quick: torch, timm, Lightning and librosa are imported only by
+the work that needs them.
+"""
 
-#: Heavier parts (Lightning, timm) load on first use, so that ``import soundsight`` for
-#: decoding and preparing features stays quick and small.
-_LAZY = {
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+#: Public name -> module that defines it.
+_PUBLIC = {
+    "SoundsightError": "errors",
+    "ConfigError": "errors",
+    "FeatureConfig": "config",
+    "ModelConfig": "config",
+    "AUDIO_EXTENSIONS": "audio",
+    "AudioError": "audio",
+    "decode_bytes": "audio",
+    "load_clip": "audio",
+    "CacheError": "cache",
+    "FeatureCache": "cache",
+    "JobReport": "cache",
+    "prepare": "cache",
+    "Featuriser": "features",
+    "LogMel": "features",
+    "colorize": "features",
+    "log_mel": "features",
+    "export_images": "images",
+    "spectrogram_image": "images",
+    "LAYOUTS": "layouts",
+    "DatasetError": "layouts",
+    "detect_layout": "layouts",
+    "load_dataset": "layouts",
+    "ModelSpec": "modelfile",
+    "ModelFileError": "modelfile",
+    "read_spec": "modelfile",
     "train": "training",
     "cross_validate": "training",
     "lr_find": "training",
     "TrainConfig": "training",
-    "ModelConfig": "models",
     "Classifier": "prediction",
     "evaluate": "prediction",
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'soundsight' has no attribute {name!r}")
 
 
-__all__ = [
-    *_LAZY,
-    "AUDIO_EXTENSIONS",
-    "AudioError",
-    "CacheError",
-    "ConfigError",
-    "DatasetError",
-    "FeatureCache",
-    "FeatureConfig",
-    "JobReport",
-    "LAYOUTS",
-    "LogMel",
-    "SoundsightError",
-    "colorize",
-    "decode_bytes",
-    "detect_layout",
-    "export_images",
-    "load_clip",
-    "load_dataset",
-    "log_mel",
-    "prepare",
-    "spectrogram_image",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+__all__ = sorted(_PUBLIC)

@@ -6,20 +6,19 @@ import argparse
 import logging
 import sys
 import warnings
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-import pandas as pd
-
-from .cache import prepare
-from .config import ENCODINGS, ModelConfig
+# Only light modules here: everything heavy (pandas, torch, Lightning) is imported by
+# the command that needs it, so `soundsight --help` answers at once.
+from .config import ENCODINGS, FeatureConfig, ModelConfig
 from .errors import SoundsightError
-from .features import FeatureConfig
-from .images import export_images
-from .layouts import LAYOUTS, TEST_SIDES, DatasetError, load_dataset
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    from .layouts import LAYOUTS
+
     parser.add_argument("data", help="dataset folder")
     group = parser.add_argument_group("dataset layout (detected when --layout is omitted)")
     group.add_argument(
@@ -52,6 +51,8 @@ def _dataset(args: argparse.Namespace, split: str | None = None):
             "path_column": args.path_column,
             "label_column": args.label_column,
         }
+    from .layouts import load_dataset
+
     return load_dataset(args.data, args.layout, split or args.split, **options)
 
 
@@ -73,6 +74,13 @@ def _features(args: argparse.Namespace) -> FeatureConfig:
     return FeatureConfig(**{f.name: getattr(args, f.name) for f in fields(FeatureConfig)})
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_workers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
@@ -83,6 +91,8 @@ def _add_workers(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from .cache import prepare
+
     table = _dataset(args)
     index, _, count = args.shard.partition("/")
     cache, report = prepare(
@@ -101,6 +111,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_export_images(args: argparse.Namespace) -> int:
+    from .images import export_images
+
     report = export_images(
         _dataset(args),
         args.out,
@@ -249,6 +261,8 @@ def _recipe(args: argparse.Namespace):
 def _train_valid(args: argparse.Namespace):
     """Training clips and validation clips: the dataset's own test side where it has a
     labelled one, else None (train holds out a grouped, stratified 20%)."""
+    from .layouts import TEST_SIDES
+
     table = _dataset(args, "train")
     if table.attrs["layout"] in TEST_SIDES:
         valid = _dataset(args, "test")
@@ -300,6 +314,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from .report import plot_run
     from .training import SUMMARY, cross_validate, is_global_zero
 
@@ -362,7 +378,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .layouts import DatasetError, load_dataset
     from .prediction import Classifier, audio_files, submission
+    from .tables import write_csv
 
     if args.data:
         paths = list(load_dataset(args.data, args.layout, args.split)["path"])
@@ -372,14 +390,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise DatasetError(f"no audio files in {', '.join(args.paths or [args.data])}")
     classifier = Classifier.load(args.model)
     frame, failures = classifier.predict_files(paths, workers=args.workers)
-    result = submission(frame, classifier.labels, args.top_k)
+    root = args.data or (args.paths[0] if len(args.paths) == 1 else None)
+    result = submission(frame, classifier.labels, args.top_k, root=root)
     if args.out:
-        result.to_csv(args.out, index=False)
+        write_csv(result, args.out)
         print(f"{len(result)} predictions written to {args.out}")
     else:
         print(result.to_string(index=False))
     if args.probabilities:
-        frame.to_csv(args.probabilities, index=False)
+        write_csv(frame, args.probabilities)
     return _report_failures(failures)
 
 
@@ -437,32 +456,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="soundsight",
-        description="Classify sounds by fine-tuning ImageNet CNNs on log-mel spectrograms.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name and help, what adds its arguments, what runs it."""
 
-    p = commands.add_parser(
-        "prepare",
-        help="decode and featurise a dataset into a cache",
-        description="Decode every clip once, compute log-mel features in "
-        "parallel and store them in a resumable, crash-safe cache.",
-    )
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _args_prepare(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--shard", default="0/1", help="do only shard i of n, as 'i/n' (default 0/1)")
     _add_feature_args(p)
     _add_workers(p)
-    p.set_defaults(func=cmd_prepare)
 
-    p = commands.add_parser(
-        "export-images",
-        help="write one colour-mapped log-mel PNG per clip",
-        description="Write a PNG spectrogram per clip, like the blog "
-        "recipe's images, resumably (existing PNGs are kept).",
-    )
+
+def _args_export_images(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", required=True, help="output folder (one sub-folder per label)")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
@@ -473,87 +486,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_feature_args(p)
     _add_workers(p)
-    p.set_defaults(func=cmd_export_images)
 
-    p = commands.add_parser(
-        "train",
-        help="fine-tune an ImageNet backbone on a dataset",
-        description="Fine-tune in two stages (head, then all with "
-        "discriminative learning rates), validate on the dataset's test "
-        "side or a grouped 20%% hold-out, and write RUN/model.safetensors.",
-    )
+
+def _args_train(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _add_training_args(p)
     _add_feature_args(p)
-    p.set_defaults(func=cmd_train)
 
-    p = commands.add_parser(
-        "lr-find",
-        help="learning-rate range test (plot + suggestion)",
-        description="Run Lightning's LR range test on the unfrozen "
-        "network; save OUT/lr_find.png and print the suggested rate.",
-    )
+
+def _args_lr_find(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", required=True, help="folder for lr_find.png")
     _add_training_args(p)
     _add_feature_args(p)
-    p.set_defaults(func=cmd_lr_find)
 
-    p = commands.add_parser(
-        "cv",
-        help="k-fold cross-validation (stratified, grouped)",
-        description="Train one model per fold: the dataset's own folds "
-        "when it has --folds of them, else stratified folds grouped by "
-        "source recording or speaker; report mean and spread.",
-    )
+
+def _args_cv(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", required=True, help="folder for the fold runs and cv.json")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     _add_training_args(p)
     _add_feature_args(p)
-    p.set_defaults(func=cmd_cv)
 
-    p = commands.add_parser(
-        "evaluate",
-        help="score a model on labelled clips",
-        description="Accuracy, MAP@3, per-class precision/recall/F1, "
-        "confusion matrix and most-confused pairs on labelled clips "
-        "(default: the dataset's test side where it has one).",
-    )
+
+def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file (model.safetensors)")
     _add_dataset_args(p)
     p.set_defaults(split="test")
     p.add_argument("--out", help="folder for metrics.json, per_class.csv, confusion.csv, ...")
     p.add_argument("--cache", help="feature cache folder")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = commands.add_parser(
-        "predict",
-        help="label audio files with a trained model",
-        description="Top-k labels per file (sliding windows averaged "
-        "over long clips), in the Kaggle submission format.",
-    )
+
+def _args_predict(p: argparse.ArgumentParser) -> None:
+    from .layouts import LAYOUTS
+
     p.add_argument("model", help="model file (model.safetensors)")
     p.add_argument("paths", nargs="*", help="audio files or folders")
     p.add_argument("--data", help="predict a dataset's clips instead (see --split)")
     p.add_argument("--layout", choices=sorted(LAYOUTS), help="layout of --data")
     p.add_argument("--split", default="test", help="side of --data to predict (default test)")
-    p.add_argument("--top-k", type=int, default=3, help="labels per file (default 3)")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="labels per file (default 3)")
     p.add_argument("--out", help="CSV file for fname,label (default: print)")
     p.add_argument("--probabilities", help="also write per-class probabilities to this CSV")
     _add_workers(p)
-    p.set_defaults(func=cmd_predict)
 
-    p = commands.add_parser(
-        "serve",
-        help="serve a model over HTTP: JSON API and a page to try it",
-        description="Load a model once and serve it with uvicorn: POST /predict "
-        "(multipart field 'file' or raw audio body), GET /labels, GET /health, "
-        "OpenAPI docs at /docs, and a page at / to drop in a sound and see its "
-        "spectrogram and labels. Binds to loopback unless --host says otherwise.",
-    )
+
+def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file (model.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -575,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="requests that may wait for a worker; more get 503 (default 16)",
     )
-    p.add_argument("--top-k", type=int, default=5, help="labels per answer (default 5)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="labels per answer (default 5)")
     p.add_argument(
         "--torch-threads",
         type=int,
@@ -583,14 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per inference (default 1; 0 = torch's default)",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
-    p.set_defaults(func=cmd_serve)
 
-    p = commands.add_parser(
-        "show-batch",
-        help="a grid of log-mel spectrograms with their labels (PNG)",
-        description="Draw a random sample of a dataset's clips as log-mel "
-        "spectrograms (time in s, frequency in Hz on the mel scale) with their labels.",
-    )
+
+def _args_show_batch(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", default="batch.png", help="PNG file (default batch.png)")
     p.add_argument("--n", type=int, default=16, help="clips to show (default 16)")
@@ -599,25 +574,126 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", action="store_true", help="also print file names")
     p.add_argument("--cache", help="feature cache to read log-mels from (else decoded)")
     _add_feature_args(p)
-    p.set_defaults(func=cmd_show_batch)
 
-    p = commands.add_parser(
-        "report",
-        help="interpretation plots and a self-contained report.html for a run",
-        description="Write a run's (or cv folder's) plots as PNGs: history, "
-        "learning-rate schedule, confusion matrix, per-class scores, top losses, "
-        "t-SNE of embeddings; then RUN/report.html, one file with every image and "
-        "the top-loss clips' audio embedded.",
-    )
+
+def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder of train, or folder of cv")
     p.add_argument("--cache", help="feature cache folder (clips not in it are decoded)")
     p.add_argument("--replot", action="store_true", help="redraw plots even if up to date")
-    p.set_defaults(func=cmd_report)
+
+
+COMMANDS = (
+    Command(
+        "prepare",
+        "decode and featurise a dataset into a cache",
+        "Decode every clip once, compute log-mel features in "
+        "parallel and store them in a resumable, crash-safe cache.",
+        _args_prepare,
+        cmd_prepare,
+    ),
+    Command(
+        "export-images",
+        "write one colour-mapped log-mel PNG per clip",
+        "Write a PNG spectrogram per clip, like the blog "
+        "recipe's images, resumably (existing PNGs are kept).",
+        _args_export_images,
+        cmd_export_images,
+    ),
+    Command(
+        "train",
+        "fine-tune an ImageNet backbone on a dataset",
+        "Fine-tune in two stages (head, then all with "
+        "discriminative learning rates), validate on the dataset's test "
+        "side or a grouped 20%% hold-out, and write RUN/model.safetensors.",
+        _args_train,
+        cmd_train,
+    ),
+    Command(
+        "lr-find",
+        "learning-rate range test (plot + suggestion)",
+        "Run Lightning's LR range test on the unfrozen "
+        "network; save OUT/lr_find.png and print the suggested rate.",
+        _args_lr_find,
+        cmd_lr_find,
+    ),
+    Command(
+        "cv",
+        "k-fold cross-validation (stratified, grouped)",
+        "Train one model per fold: the dataset's own folds "
+        "when it has --folds of them, else stratified folds grouped by "
+        "source recording or speaker; report mean and spread.",
+        _args_cv,
+        cmd_cv,
+    ),
+    Command(
+        "evaluate",
+        "score a model on labelled clips",
+        "Accuracy, MAP@3, per-class precision/recall/F1, "
+        "confusion matrix and most-confused pairs on labelled clips "
+        "(default: the dataset's test side where it has one).",
+        _args_evaluate,
+        cmd_evaluate,
+    ),
+    Command(
+        "predict",
+        "label audio files with a trained model",
+        "Top-k labels per file (sliding windows averaged "
+        "over long clips), in the Kaggle submission format.",
+        _args_predict,
+        cmd_predict,
+    ),
+    Command(
+        "serve",
+        "serve a model over HTTP: JSON API and a page to try it",
+        "Load a model once and serve it with uvicorn: POST /predict "
+        "(multipart field 'file' or raw audio body), GET /labels, GET /health, "
+        "OpenAPI docs at /docs, and a page at / to drop in a sound and see its "
+        "spectrogram and labels. Binds to loopback unless --host says otherwise.",
+        _args_serve,
+        cmd_serve,
+    ),
+    Command(
+        "show-batch",
+        "a grid of log-mel spectrograms with their labels (PNG)",
+        "Draw a random sample of a dataset's clips as log-mel "
+        "spectrograms (time in s, frequency in Hz on the mel scale) with their labels.",
+        _args_show_batch,
+        cmd_show_batch,
+    ),
+    Command(
+        "report",
+        "interpretation plots and a self-contained report.html for a run",
+        "Write a run's (or cv folder's) plots as PNGs: history, "
+        "learning-rate schedule, confusion matrix, per-class scores, top losses, "
+        "t-SNE of embeddings; then RUN/report.html, one file with every image and "
+        "the top-loss clips' audio embedded.",
+        _args_report,
+        cmd_report,
+    ),
+)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``soundsight`` parser. With ``only``, only that command's arguments are
+    added (the others are listed by name and help): ``soundsight --help`` then needs
+    none of the imports that building every command's arguments would pull in."""
+    parser = argparse.ArgumentParser(
+        prog="soundsight",
+        description="Classify sounds by fine-tuning pretrained CNNs on log-mel spectrograms.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.description)
+        if only is None or only == command.name:
+            command.arguments(sub)
+            sub.set_defaults(func=command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(only=command).parse_args(argv)
     # Lightning's start-up banners (accelerator lists, tips) drown the epoch table.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.simplefilter("default")

@@ -13,13 +13,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import matplotlib
 import numpy as np
 import torch
-
-# Imported eagerly (librosa loads it lazily, ~1 s): worker processes forked later
-# then inherit it instead of each importing it again.
-from librosa.filters import mel as mel_filterbank
 
 from .config import FeatureConfig
 
@@ -28,6 +23,43 @@ AMIN = 1e-10
 #: Precision log-mels are kept at: the feature cache stores them so (half the disk of
 #: float32), and :class:`Featuriser` rounds to it, so cached and fresh agree exactly.
 LOG_MEL_DTYPE = np.float16
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, np.float64)
+    linear = hz / (200.0 / 3)
+    log = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(hz >= 1000.0, log, linear)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, np.float64)
+    linear = mel * (200.0 / 3)
+    log = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0))
+    return np.where(mel >= 15.0, log, linear)
+
+
+def mel_filterbank(
+    sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
+    """Slaney-style mel filterbank ``(n_mels, 1 + n_fft // 2)`` float32, area-normalised:
+    the same matrix as ``librosa.filters.mel(sr=..., n_fft=..., n_mels=..., fmin=...,
+    fmax=...)`` (tested equal).
+
+    Written here because importing ``librosa.filters`` pulls scipy.signal and numba
+    (2-4 s at start-up) for these few lines of numpy.
+    """
+    fmax = float(sr) / 2 if fmax is None else fmax
+    fft_hz = np.linspace(0, float(sr) / 2, 1 + n_fft // 2)
+    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    widths = np.diff(mel_hz)
+    ramps = mel_hz[:, None] - fft_hz[None, :]
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, None]
+    return weights.astype(np.float32)
 
 
 class LogMel(torch.nn.Module):
@@ -181,6 +213,8 @@ def colour_index(db: np.ndarray, floor_db: float) -> np.ndarray:
 @functools.cache
 def colour_table(cmap: str = "magma") -> np.ndarray:
     """The 256 RGB colours (uint8, ``(256, 3)``) of a matplotlib colour map."""
+    import matplotlib  # here: ~0.3 s that decoding and featurising never need
+
     table = matplotlib.colormaps[cmap].resampled(256)(np.arange(256), bytes=True)[:, :3]
     table.flags.writeable = False  # shared by every caller through the cache
     return table

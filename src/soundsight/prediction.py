@@ -240,16 +240,35 @@ def audio_files(inputs: Iterable[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def submission(frame: pd.DataFrame, labels: Sequence[str], top_k: int = 3) -> pd.DataFrame:
-    """The Kaggle submission format: ``fname`` and the ``top_k`` labels, space-separated."""
+def submission(
+    frame: pd.DataFrame,
+    labels: Sequence[str],
+    top_k: int = 3,
+    root: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """The Kaggle submission format, ``fname`` and the ``top_k`` labels space-separated,
+    plus ``path``: the file relative to ``root`` (where it lies below it), since two
+    folders may hold files of the same name."""
+    if top_k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {top_k}")
     probabilities = frame[list(labels)].to_numpy()
     top = np.argsort(-probabilities, axis=1)[:, :top_k]
     return pd.DataFrame(
         {
             "fname": [Path(p).name for p in frame["path"]],
             "label": [" ".join(labels[i].replace(" ", "_") for i in row) for row in top],
+            "path": [_relative(p, root) for p in frame["path"]],
         }
     )
+
+
+def _relative(path: str, root: str | os.PathLike | None) -> str:
+    if root is None:
+        return str(path)
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def evaluate(

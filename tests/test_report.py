@@ -19,6 +19,7 @@ import soundfile as sf
 from PIL import Image
 
 from soundsight import report
+from soundsight.modelfile import read_spec
 from soundsight.report import RUN_PLOTS, plot_run, plots_are_current, write_report
 
 #: Plots a run with a model file, history and validation predictions must have
@@ -66,7 +67,7 @@ def test_plot_data_matches_the_validation_set(plotted_run):
 
 def test_lr_schedule_uses_the_checkpoints_steps_per_epoch(plotted_run):
     run, _, _ = plotted_run
-    train = report.read_model_metadata(run / "model.safetensors")["train"]
+    train = read_spec(run / "model.safetensors").train
     steps = report.steps_per_epoch_from_checkpoints(run, train)
     # tiny_model: 100 training clips in batches of 16, the last partial batch dropped.
     assert steps == {2: 100 // 16}
@@ -76,7 +77,7 @@ def test_lr_schedule_without_checkpoints_and_lr_finder_data(plotted_run, tmp_pat
     run, _, _ = plotted_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "*.png"))
-    train = report.read_model_metadata(copy / "model.safetensors")["train"]
+    train = read_spec(copy / "model.safetensors").train
     assert report.steps_per_epoch_from_checkpoints(copy, train) is None
     lrs = np.logspace(-6, 0, 40)
     pd.DataFrame({"lr": lrs, "loss": 3 - np.tanh(np.log10(lrs) + 3), "suggestion": 1e-3}).to_csv(
@@ -109,7 +110,7 @@ def test_plots_are_redone_when_the_results_change(plotted_run, tmp_path, monkeyp
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
     assert plots_are_current(copy)
     replotted = []
-    monkeypatch.setattr(report, "plot_run", lambda *args: replotted.append(args))
+    monkeypatch.setattr(report.plotting, "plot_run", lambda *args: replotted.append(args))
     write_report(copy, cache)
     assert not replotted  # up to date: the report reuses the PNGs
     history = copy / "history.csv"
@@ -152,8 +153,7 @@ def test_report_is_one_self_contained_file(plotted_run):
     assert html.count("<audio ") == len(pd.read_csv(run / "top_losses.csv"))
     for text in ("Configuration", "training recipe", "Most-confused pairs", "Top losses", "t-SNE"):
         assert text in html
-    metadata = report.read_model_metadata(run / "model.safetensors")
-    assert f"{metadata['metrics']['accuracy']:.4f}" in html
+    assert f"{read_spec(run / 'model.safetensors').metrics['accuracy']:.4f}" in html
 
 
 def test_report_of_an_evaluation_folder_without_model_or_audio(plotted_run, tmp_path):
@@ -170,6 +170,66 @@ def test_report_of_an_evaluation_folder_without_model_or_audio(plotted_run, tmp_
     assert_self_contained(html)
     assert "audio file unreadable" in html
     assert {p.stem for p in folder.glob("*.png")} == {"confusion", "per_class", "top_losses"}
+
+
+#: Labels that pandas' defaults turn into NaN (NA, null) or numbers (0, 01), a
+#: spreadsheet formula, and markup: each must stay its own class, shown as text.
+TRICKY_LABELS = ("NA", "null", "0", "01", "=1+1", "<b>x</b>")
+#: A clip file name that is markup.
+TRICKY_NAME = "<img src=x onerror=alert(1)>.wav"
+
+
+@pytest.fixture(scope="module")
+def tricky_run(tmp_path_factory, fsdd_clips) -> tuple[Path, list[str]]:
+    """An ``evaluate --out`` style folder, written by training's own ``write_metrics``,
+    whose labels are :data:`TRICKY_LABELS` (two real FSDD clips each, one of them
+    named :data:`TRICKY_NAME`), some clips misclassified: ``(folder, clip paths)``."""
+    from soundsight.evaluation import score
+    from soundsight.training import write_metrics
+
+    folder = tmp_path_factory.mktemp("tricky")
+    paths = [str(p) for p in fsdd_clips[: 2 * len(TRICKY_LABELS)]]
+    (folder / TRICKY_NAME).symlink_to(paths[0])
+    paths[0] = str(folder / TRICKY_NAME)
+    targets = np.repeat(np.arange(len(TRICKY_LABELS)), 2)
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(len(TRICKY_LABELS)), len(paths))
+    probabilities[::3, targets[::3]] += 2.0  # every third clip right, the others as drawn
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    metrics = score(probabilities, targets, TRICKY_LABELS)
+    write_metrics(folder, metrics, list(TRICKY_LABELS), paths, probabilities, targets)
+    return folder, paths
+
+
+def _per_class_labels(html: str) -> list[str]:
+    """The label column of the report's per-class table, unescaped."""
+    import html as markup
+
+    table = html.split("<summary>per_class.csv</summary>", 1)[1].split("</table>", 1)[0]
+    return [markup.unescape(cell) for cell in re.findall(r"<tr><td>(.*?)</td>", table)]
+
+
+def test_report_keeps_every_label_a_string_of_its_own(tricky_run, tmp_path):
+    folder, paths = tricky_run
+    html = write_report(folder, tmp_path / "cache").read_text(encoding="utf-8")
+    assert_self_contained(html)
+    assert _per_class_labels(html) == list(TRICKY_LABELS)
+    run = report.RunData.load(folder)
+    assert run.labels == list(TRICKY_LABELS)
+    assert run.confusion.shape == (6, 6) and run.confusion.sum() == len(paths)
+    confused = set(run.most_confused["true"]) | set(run.most_confused["predicted"])
+    assert len(confused) > 1 and confused <= set(TRICKY_LABELS)
+    assert len(run.top_losses) == len(paths)
+    assert set(run.top_losses["label"]) == set(TRICKY_LABELS)
+    assert set(run.top_losses["predicted"]) <= set(TRICKY_LABELS)
+
+
+def test_report_shows_labels_and_file_names_as_text_not_markup(tricky_run, tmp_path):
+    folder, _ = tricky_run
+    html = write_report(folder, tmp_path / "cache").read_text(encoding="utf-8")
+    assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;.wav" in html
+    assert html.count("<img ") == len(list(folder.glob("*.png")))  # no injected image
 
 
 @pytest.mark.parametrize(

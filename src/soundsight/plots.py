@@ -160,9 +160,11 @@ def lr_schedule(train: Mapping, steps: int | Mapping[int, int]) -> pd.DataFrame:
 def normalised_confusion(confusion: np.ndarray) -> np.ndarray:
     """Rows divided by their sums (the fraction of each true class's clips given each
     prediction); rows of classes without clips stay zero."""
-    confusion = np.asarray(confusion, dtype=float)
-    totals = confusion.sum(axis=1, keepdims=True)
-    return np.divide(confusion, totals, out=np.zeros_like(confusion), where=totals > 0)
+    from sklearn.preprocessing import normalize
+
+    # The counts are already tallied (confusion.csv), so scikit-learn's row (L1)
+    # normalisation applies, not confusion_matrix(normalize="true"), which tallies.
+    return normalize(np.asarray(confusion, dtype=float), norm="l1", axis=1)
 
 
 def confusion_order(confusion: np.ndarray, order: str = "recall") -> np.ndarray:
@@ -193,13 +195,14 @@ def confusion_order(confusion: np.ndarray, order: str = "recall") -> np.ndarray:
 
 def confusion_from_predictions(predictions: pd.DataFrame, labels: Sequence[str]) -> np.ndarray:
     """Confusion counts (rows true, columns predicted) from ``valid_predictions.csv``."""
+    from sklearn.metrics import confusion_matrix
+
     labels = list(labels)
-    index = {label: i for i, label in enumerate(labels)}
-    true = predictions["label"].astype(str).map(index).to_numpy()
-    predicted = predictions[labels].to_numpy().argmax(axis=1)
-    confusion = np.zeros((len(labels), len(labels)), dtype=int)
-    np.add.at(confusion, (true, predicted), 1)
-    return confusion
+    if not len(predictions):  # scikit-learn refuses to tally nothing
+        return np.zeros((len(labels), len(labels)), dtype=int)
+    predicted = np.asarray(labels, dtype=object)[predictions[labels].to_numpy().argmax(axis=1)]
+    true = predictions["label"].astype(str).to_numpy(dtype=object)
+    return confusion_matrix(true, predicted, labels=labels)
 
 
 def top_losses(predictions: pd.DataFrame, labels: Sequence[str], n: int = 12) -> pd.DataFrame:

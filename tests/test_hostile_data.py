@@ -567,3 +567,22 @@ def test_unreadable_folder_is_named_not_passed_over(fsdd_clips):
             "files": [str(folder / "open" / "one.wav")],
             "skipped": [[str(folder / "locked"), "folder cannot be read (Permission denied)"]],
         }
+
+
+def test_folder_layout_names_class_folders_it_cannot_enter(tmp_path, fsdd_clips):
+    root = tmp_path / "data"
+    link(fsdd_clips[0], root / "speech" / "one.wav")
+    link(fsdd_clips[1], root / "speech" / "nested" / "two.wav")
+    (root / "moved").symlink_to(tmp_path / "was_here")  # a class folder moved away
+    link(root / "speech" / "absent.flac", root / "speech" / "lost.flac")
+    with pytest.warns(UserWarning, match=r"2 entries left out because they cannot be listed"):
+        table = load_dataset(root)
+    assert table.attrs["layout"] == "folder"
+    assert sorted(table["path"]) == sorted(str(p.resolve()) for p in fsdd_clips[:2])
+    assert table.attrs["skipped"] == [
+        (str(root / "moved"), f"broken symlink: its target {tmp_path / 'was_here'} does not exist"),
+        (
+            str(root / "speech" / "lost.flac"),
+            f"broken symlink: its target {root / 'speech' / 'absent.flac'} does not exist",
+        ),
+    ]

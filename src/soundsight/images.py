@@ -70,7 +70,9 @@ def label_folders(labels: Iterable[str]) -> dict[str, str]:
         if plain and len(label.encode()) <= _MAX_NAME_BYTES:
             folders[label] = label
         else:
-            folders[label] = _hashed(_UNSAFE.sub("_", label).strip(". ")[:100], label, 0)
+            # At most 100 bytes of the label (cut on a character boundary) + the hash.
+            kept = _UNSAFE.sub("_", label).strip(". ").encode()[:100]
+            folders[label] = _hashed(kept.decode(errors="ignore"), label, 0)
     for attempt in itertools.count(1):
         owners: dict[str, list[str]] = {}
         for label, name in folders.items():

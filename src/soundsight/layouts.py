@@ -248,7 +248,12 @@ def esc50(root: Path, split: str = "train") -> pd.DataFrame:
 def folder(root: Path, split: str = "train") -> pd.DataFrame:
     """One sub-folder per class: ``ROOT/<label>/*.{wav,flac,ogg,mp3}``."""
     del split
-    skipped: list[tuple[str, str]] = []
+    # Class folders that are links going nowhere (broken, or loops) are named too.
+    skipped = [
+        (str(p), _not_a_file(p))
+        for p in sorted(root.iterdir())
+        if p.is_symlink() and not p.exists()
+    ]
     rows = [
         {"path": p, "label": sub.name}
         for sub in sorted(p for p in root.iterdir() if p.is_dir())

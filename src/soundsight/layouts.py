@@ -12,15 +12,25 @@ verified   FSDKaggle2018 ``manually_verified`` flag (boolean)
 =========  =============================================================
 
 Layouts are looked up by name in :data:`LAYOUTS`; :func:`detect_layout` picks one
-from the files present.
+from the files present. Labels are strings as written (``NA``, ``null``, ``0``, ``01``
+and ``1.0`` are five distinct labels), never numbers or NaN.
+
+Folders are listed by :func:`audio_files`, which follows symbolic links but names what
+it cannot list (a symlink loop, a broken link, a folder it may not read) instead of
+passing over it: a layout that lists folders warns about those entries and keeps them
+in ``table.attrs["skipped"]`` as ``(path, reason)`` pairs, which
+:func:`~soundsight.prepare` writes to its ``warnings.csv``.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from stat import S_ISREG
 
 import pandas as pd
 
@@ -74,10 +84,117 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
-def _audio_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
-    )
+def audio_files(
+    inputs: Iterable[str | os.PathLike],
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand files and folders into audio file paths, and say what was left out.
+
+    Parameters
+    ----------
+    inputs : iterable of path-like
+        Files (kept as given, whatever their extension: the decoder reports a file
+        that is not audio or not there) and folders, searched recursively for names
+        ending in one of :data:`~soundsight.audio.AUDIO_EXTENSIONS` (any case).
+        Symbolic links are followed; a folder reached twice is listed once.
+
+    Returns
+    -------
+    (files, skipped)
+        ``files``: the inputs in the order given, each folder's files sorted.
+        ``skipped``: ``(path, reason)`` for each entry that could not be listed: a
+        symlink loop, a broken symlink, a folder that cannot be read, an audio-named
+        entry that is not a regular file.
+    """
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found, problems = _walk(item)
+            files.extend(found)
+            skipped.extend(problems)
+        else:
+            files.append(str(item))
+    return files, skipped
+
+
+def _walk(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+
+    def unreadable(err: OSError) -> None:
+        skipped.append((err.filename, f"folder cannot be read ({err.strerror})"))
+
+    # os.walk follows links into folders but keeps no record of where it has been, so
+    # a link to a folder above it would recurse forever: folders are tracked by inode.
+    seen = {_inode(root)}
+    for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
+        here = Path(folder)
+        subfolders.sort()  # which of two ways into one folder is kept: the first by name
+        for name in list(subfolders):
+            path = here / name
+            try:
+                inode = _inode(path)
+            except OSError as err:
+                subfolders.remove(name)
+                skipped.append((str(path), f"cannot be read ({err.strerror})"))
+                continue
+            if inode in seen:
+                subfolders.remove(name)
+                target = path.resolve()
+                loop = here.resolve().is_relative_to(target)
+                reason = "symlink loop: leads back to" if loop else "folder already listed as"
+                skipped.append((str(path), f"{reason} {target}"))
+            seen.add(inode)
+        for name in names:
+            path = here / name
+            # os.walk lists a link it cannot follow (broken, or a loop) as a file.
+            problem = _not_a_file(path)
+            if problem is None:
+                if path.suffix.lower() in AUDIO_EXTENSIONS:
+                    found.append(path)
+            elif path.suffix.lower() in AUDIO_EXTENSIONS or path.is_symlink():
+                skipped.append((str(path), problem))
+    return [str(p) for p in sorted(found)], skipped
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` is not a regular file to read, or None."""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"symlink loop ({path} -> {os.readlink(path)})"
+        if err.errno == errno.ENOENT and path.is_symlink():
+            return f"broken symlink: its target {os.readlink(path)} does not exist"
+        return f"cannot be read ({err.strerror})"
+    if not S_ISREG(stat.st_mode):
+        return "not a regular file"
+    return None
+
+
+def _listed(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """The audio files under ``folder``, adding what was left out to ``skipped``."""
+    files, problems = audio_files([folder])
+    skipped.extend(problems)
+    return [Path(p) for p in files]
+
+
+def _with_skipped(table: pd.DataFrame, root: Path, skipped: list[tuple[str, str]]):
+    """``table`` carrying ``skipped`` in its attrs, with a warning when there are any."""
+    if skipped:
+        path, reason = skipped[0]
+        warnings.warn(
+            f"{root}: {len(skipped)} entries left out because they cannot be listed "
+            f"(e.g. {path}: {reason})",
+            stacklevel=3,
+        )
+    table.attrs["skipped"] = list(skipped)
+    return table
 
 
 def fsdkaggle2018(root: Path, split: str = "train") -> pd.DataFrame:
@@ -131,14 +248,20 @@ def esc50(root: Path, split: str = "train") -> pd.DataFrame:
 def folder(root: Path, split: str = "train") -> pd.DataFrame:
     """One sub-folder per class: ``ROOT/<label>/*.{wav,flac,ogg,mp3}``."""
     del split
+    # Class folders that are links going nowhere (broken, or loops) are named too.
+    skipped = [
+        (str(p), _not_a_file(p))
+        for p in sorted(root.iterdir())
+        if p.is_symlink() and not p.exists()
+    ]
     rows = [
         {"path": p, "label": sub.name}
         for sub in sorted(p for p in root.iterdir() if p.is_dir())
-        for p in _audio_files(sub)
+        for p in _listed(sub, skipped)
     ]
     if not rows:
         raise DatasetError(f"{root}: no audio files in class sub-folders")
-    return _table(pd.DataFrame(rows), root)
+    return _with_skipped(_table(pd.DataFrame(rows), root), root, skipped)
 
 
 def regex(
@@ -154,8 +277,8 @@ def regex(
         raise DatasetError("the regex layout needs --label-regex, e.g. '^(\\d+)_'")
     pattern = re.compile(label_regex)
     group_pattern = re.compile(group_regex) if group_regex else None
-    rows, unmatched = [], []
-    for path in _audio_files(root):
+    rows, unmatched, skipped = [], [], []
+    for path in _listed(root, skipped):
         match = pattern.search(path.name)
         if not match:
             unmatched.append(path.name)
@@ -176,7 +299,7 @@ def regex(
         )
     if not rows:
         raise DatasetError(f"{root}: no audio file name matches {label_regex!r}")
-    return _table(pd.DataFrame(rows), root)
+    return _with_skipped(_table(pd.DataFrame(rows), root), root, skipped)
 
 
 def fsdd(root: Path, split: str = "train") -> pd.DataFrame:
@@ -248,9 +371,9 @@ def detect_layout(root: str | Path) -> str:
     if names and all(_FSDD_NAME.match(n) for n in names):
         return "fsdd"
     subdirs = [p for p in root.iterdir() if p.is_dir()]
-    if any(_audio_files(d) for d in subdirs):
+    if any(audio_files([d])[0] for d in subdirs):
         return "folder"
-    if not _audio_files(root):
+    if not audio_files([root])[0]:
         raise DatasetError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
     raise DatasetError(
         f"{root}: unknown layout. Looked for train.csv + audio_train/ (fsdkaggle2018), "

@@ -48,3 +48,26 @@ def test_every_entry_point_scores_a_clip_the_same(tiny_model, fsdd_dir, tmp_path
         np.testing.assert_allclose(np.asarray(other, np.float32), from_path, atol=1e-6)
     # Training validated with batch norms unfolded (Classifier.load folds them).
     np.testing.assert_allclose(trained[labels].to_numpy(np.float32), from_path, atol=1e-4)
+
+
+def test_a_clips_scores_do_not_depend_on_batching_or_its_neighbours(tiny_model, esc_clips):
+    from soundsight.prediction import score_log_mels
+
+    classifier = Classifier.load(tiny_model)
+    # A 5-s ESC clip (2 windows of the tiny model's crop), a short FSDD-like stretch,
+    # and a 30-s clip made of six ESC clips (many windows: several forward passes).
+    dbs = [classifier.log_mel(esc_clips[0]), classifier.log_mel(esc_clips[1])[:, :20]]
+    dbs.append(np.concatenate([classifier.log_mel(c) for c in esc_clips[2:8]], axis=1))
+    alone = [
+        list(score_log_mels(classifier.net, classifier.view, [db], embed=True))[0] for db in dbs
+    ]
+    for batch in (1, 3, 64):
+        together = list(
+            score_log_mels(
+                classifier.net, classifier.view, dbs, embed=True, windows_per_batch=batch
+            )
+        )
+        assert len(together) == len(dbs)
+        for (p, e), (p0, e0) in zip(together, alone, strict=True):
+            np.testing.assert_allclose(p, p0, atol=1e-6)
+            np.testing.assert_allclose(e, e0, atol=1e-4)

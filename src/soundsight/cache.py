@@ -29,12 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .audio import AudioError, load_clip, read_header
 from .config import config_from_dict, config_to_dict
 from .errors import ConfigError, SoundsightError
-from .features import FeatureConfig, LogMel
+from .features import FeatureConfig, Featuriser
 from .jobs import ClipOutcome, JobReport, is_disk_full, run_clip_jobs, stopped_by_full_disk
 
 #: Longest clip, in seconds, that prepare (and so train) featurises unless told
@@ -245,7 +244,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def featurise_clips(
-    paths: Sequence[str], config: FeatureConfig, logmel: LogMel, max_duration: float | None = None
+    paths: Sequence[str],
+    featurise: Featuriser,
+    max_duration: float | None = None,
 ) -> Iterable[tuple[str, np.ndarray | None, str | None, float, str | None]]:
     """Decode and featurise clips in batches bounded by :data:`BATCH_SAMPLES`.
 
@@ -254,16 +255,13 @@ def featurise_clips(
     without being decoded; a truncated one is featurised from what it holds, with a
     warning.
     """
+    config = featurise.config
     pending: list[tuple[str, np.ndarray, str | None]] = []
 
     def flush():
-        lengths = torch.tensor([len(w) for _, w, _ in pending])
-        batch = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(w) for _, w, _ in pending], True)
-        with torch.inference_mode():
-            features = logmel(batch, lengths).numpy()
+        features = featurise.log_mels([wave for _, wave, _ in pending])
         for (path, wave, warning), row in zip(pending, features, strict=True):
-            frames = config.num_frames(len(wave))
-            yield path, row[:, :frames], None, len(wave) / config.sample_rate, warning
+            yield path, row, None, len(wave) / config.sample_rate, warning
         pending.clear()
 
     for path in paths:
@@ -307,7 +305,7 @@ def featurise_job(
     ``OSError`` from ``write`` fails that clip only, except a full disk, which stops the
     job (it is raised). Clips already in ``cache`` (same config) are read from it
     instead of decoded."""
-    logmel = LogMel(config)
+    featurise = Featuriser(config)
 
     def from_cache(chunk: list[str], decode: list[str]):
         for path in chunk:
@@ -327,7 +325,7 @@ def featurise_job(
         results = []
         # featurise_clips starts once from_cache is exhausted: ``decode`` is complete.
         for path, features, error, seconds, warning in itertools.chain(
-            from_cache(chunk, decode), featurise_clips(decode, config, logmel, max_duration)
+            from_cache(chunk, decode), featurise_clips(decode, featurise, max_duration)
         ):
             if error is None:
                 try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -183,13 +183,20 @@ class Featuriser:
     def __call__(self, clip: Clip, max_duration: float | None = None) -> np.ndarray:
         """Log-mel ``(n_mels, frames)`` float32 in dB of one clip; decoding problems
         raise :class:`~soundsight.audio.AudioError` naming the source."""
-        wave = torch.from_numpy(self.waveform(clip, max_duration))[None]
+        return self.log_mels([self.waveform(clip, max_duration)])[0]
+
+    def log_mels(self, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Log-mels of mono waveforms at ``config.sample_rate``, computed as one batch
+        (each clip's values do not depend on the others in it: see :class:`LogMel`)."""
+        lengths = torch.tensor([len(w) for w in waves])
+        batch = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(w) for w in waves], True)
         device = self.logmel.window.device
         with torch.inference_mode(), flush_denormals():
-            db = self.logmel(wave.to(device))[0].cpu().numpy()
+            db = self.logmel(batch.to(device), lengths.to(device)).cpu().numpy()
         # At the cache's precision, so a clip scores the same whether its log-mel was
         # computed now or read from the cache (a float16 step is at most 1/16 dB here).
-        return db.astype(LOG_MEL_DTYPE).astype(np.float32)
+        db = db.astype(LOG_MEL_DTYPE).astype(np.float32)
+        return [row[:, : self.config.num_frames(len(w))] for w, row in zip(waves, db, strict=True)]
 
 
 def log_mel(waveform: np.ndarray, config: FeatureConfig) -> np.ndarray:

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..audio import AudioError, load_clip
+from ..audio import AudioError
 from ..cache import DEFAULT_CACHE, CacheError, FeatureCache
-from ..features import FeatureConfig, LogMel
+from ..features import FeatureConfig, Featuriser
 
 
 class LogMels:
@@ -37,7 +37,7 @@ class LogMels:
             self.cache = FeatureCache(cache or DEFAULT_CACHE, features)
         except CacheError:
             self.cache = None
-        self._logmel: LogMel | None = None
+        self._featurise: Featuriser | None = None
 
     def __call__(self, path: str) -> np.ndarray | None:
         """The log-mel ``(n_mels, frames)`` in dB of the clip at ``path``, or None."""
@@ -46,14 +46,12 @@ class LogMels:
                 return np.asarray(self.cache.load(path), np.float32)
             except (CacheError, OSError, ValueError):
                 pass
+        if self._featurise is None:
+            self._featurise = Featuriser(self.features)
         try:
-            wave = load_clip(path, self.features.sample_rate)
+            return self._featurise(path)
         except AudioError:
             return None
-        if self._logmel is None:
-            self._logmel = LogMel(self.features)
-        with torch.inference_mode():
-            return self._logmel(torch.from_numpy(wave)[None])[0].numpy()
 
 
 def _fast_autocast(device: torch.device):
@@ -76,51 +74,16 @@ def idle_threads() -> int:
     return max(1, min(torch.get_num_threads(), idle))
 
 
-def clip_embeddings(
-    classifier, log_mels: Sequence[np.ndarray], batch_windows: int = 64
-) -> np.ndarray:
-    """Penultimate embeddings of clips, as the classifier scores them.
-
-    Parameters
-    ----------
-    classifier : soundsight.prediction.Classifier
-        The loaded model.
-    log_mels : sequence of ndarray
-        Each clip's log-mel ``(n_mels, frames)``.
-    batch_windows : int
-        Evaluation windows run through the network at once (clips are not split).
-
-    Returns
-    -------
-    ndarray
-        ``(clips, dim)``: the mean over each clip's evaluation windows, as its
-        probabilities are.
-    """
-    net, view = classifier.net.eval(), classifier.view
-    out: list[torch.Tensor] = []
-    pending: list[np.ndarray] = []
-    counts: list[int] = []
-
-    def flush():
-        if not pending:
-            return
-        x = torch.from_numpy(np.concatenate(pending))[:, None].to(classifier.device)
-        with torch.inference_mode(), _fast_autocast(x.device):
-            embedded = net.embed(x).float().cpu()
-        out.extend(chunk.mean(0) for chunk in embedded.split(counts))
-        pending.clear()
-        counts.clear()
-
+def clip_embeddings(classifier, log_mels: Sequence[np.ndarray]) -> np.ndarray:
+    """Penultimate embeddings ``(clips, dim)`` of a
+    :class:`~soundsight.prediction.Classifier`'s network, from the project's one
+    windowed scorer (the mean over each clip's evaluation windows, as its
+    probabilities are), in bfloat16 where the CPU has it and on the idle cores only."""
     threads = torch.get_num_threads()
     torch.set_num_threads(idle_threads())
     try:
-        for db in log_mels:
-            windows = view.windows(db)
-            pending.append(windows)
-            counts.append(len(windows))
-            if sum(counts) >= batch_windows:
-                flush()
-        flush()
+        with _fast_autocast(classifier.device):
+            embeddings = classifier.embeddings(log_mels)
     finally:
         torch.set_num_threads(threads)
-    return torch.stack(out).numpy() if out else np.zeros((0, 0), np.float32)
+    return embeddings.astype(np.float32)

@@ -461,15 +461,15 @@ def test_damaged_cache_entries_are_named_and_recomputed(tmp_path, fsdd_clips, es
 
 def test_entries_are_flushed_to_disk_before_the_rename(tmp_path, fsdd_clips, monkeypatch):
     calls = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    real_fdatasync, real_replace = os.fdatasync, os.replace
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("fdatasync") or real_fdatasync(fd))
     monkeypatch.setattr(
         os, "replace", lambda a, b: calls.append(f"replace {Path(b).suffix}") or real_replace(a, b)
     )
     prepare([str(p) for p in fsdd_clips[:3]], tmp_path, SMALL, workers=0, progress=False)
     entries = [i for i, call in enumerate(calls) if call == "replace .npy"]
     assert len(entries) == 3
-    assert all(calls[i - 1] == "fsync" for i in entries)
+    assert all(calls[i - 1] == "fdatasync" for i in entries)
 
 
 # ------------------------------------------------------------- listing folders

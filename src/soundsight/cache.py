@@ -33,7 +33,8 @@ import pandas as pd
 from .audio import AudioError, load_clip, read_header
 from .config import config_from_dict, config_to_dict
 from .errors import ConfigError, SoundsightError
-from .features import FeatureConfig, Featuriser
+from .features import LOG_MEL_DTYPE, FeatureConfig, Featuriser
+from .files import write_whole
 from .jobs import ClipOutcome, JobReport, is_disk_full, run_clip_jobs, stopped_by_full_disk
 
 #: Longest clip, in seconds, that prepare (and so train) featurises unless told
@@ -148,29 +149,19 @@ class FeatureCache:
         return np.load(entry, mmap_mode="r" if mmap else None)
 
     def write(self, path: str | os.PathLike, features: np.ndarray) -> Path:
-        """Store one clip's features atomically (temporary file, fsync, rename); a
+        """Store one clip's features whole (:func:`~soundsight.files.write_whole`); a
         failed write (a full disk) leaves no temporary behind."""
         entry = self.entry(path)
-        entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{entry.stem}.{socket.gethostname()}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(features, dtype=np.float16))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, entry)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return entry
+        data = np.ascontiguousarray(features, dtype=LOG_MEL_DTYPE)
+        return write_whole(entry, lambda file: np.save(file, data), temporary=tmp)
 
     def save_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / "config.json"
         if not target.exists():
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(config_to_dict(self.config), indent=2))
-            os.replace(tmp, target)
+            text = json.dumps(config_to_dict(self.config), indent=2).encode()
+            write_whole(target, lambda file: file.write(text))
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files left by killed writers on this host."""

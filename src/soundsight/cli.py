@@ -378,14 +378,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .layouts import DatasetError, load_dataset
-    from .prediction import Classifier, audio_files, submission
+    from .layouts import DatasetError, audio_files, load_dataset
+    from .prediction import Classifier, submission
     from .tables import write_csv
 
     if args.data:
         paths = list(load_dataset(args.data, args.layout, args.split)["path"])
     else:
-        paths = audio_files(args.paths)
+        paths, skipped = audio_files(args.paths)
+        for path, reason in skipped:
+            warnings.warn(f"skipped {path}: {reason}", stacklevel=1)
     if not paths:
         raise DatasetError(f"no audio files in {', '.join(args.paths or [args.data])}")
     classifier = Classifier.load(args.model)

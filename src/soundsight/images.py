@@ -30,6 +30,7 @@ from PIL import Image
 
 from .cache import MAX_DURATION, FeatureCache, featurise_job
 from .features import FeatureConfig, colour_index, colour_table
+from .files import write_whole
 from .jobs import JobReport, is_disk_full, run_clip_jobs, stopped_by_full_disk
 from .tables import write_csv
 
@@ -118,14 +119,13 @@ def _write_png(
     targets: dict[str, Path], floor_db: float, size: int, cmap: str, path: str, db: np.ndarray
 ) -> None:
     target = targets[path]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        spectrogram_image(db, floor_db, size, cmap).save(tmp, format="PNG")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    image = spectrogram_image(db, floor_db, size, cmap)
+    write_whole(
+        target,
+        lambda file: image.save(file, format="PNG"),
+        temporary=target.with_name(f".{target.name}.{os.getpid()}.tmp"),
+        durable=False,
+    )
 
 
 def export_images(

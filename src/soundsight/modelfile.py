@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import FeatureConfig, ModelConfig, config_to_dict
 from .errors import ConfigError, SoundsightError
+from .files import write_whole
 
 if TYPE_CHECKING:
     import torch
@@ -166,17 +167,12 @@ def _digest(record: str, tensors: dict[str, torch.Tensor]) -> str:
 
 def save_model_file(path: str | os.PathLike, net: torch.nn.Module, spec: ModelSpec) -> Path:
     """Write ``net``'s backbone weights and ``spec`` into one file, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
     record = spec.to_json()
     header = {METADATA_KEY: record, DIGEST_KEY: _digest(record, tensors)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, tmp, metadata=header)
-    os.replace(tmp, path)
-    return path
+    return write_whole(path, lambda file: file.write(save(tensors, metadata=header)))
 
 
 def _header(path: Path) -> dict[str, str]:

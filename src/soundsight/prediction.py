@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .audio import AUDIO_EXTENSIONS, AudioError
+from .audio import AudioError
 from .cache import DEFAULT_CACHE, prepare
 from .data import ClipView
 from .errors import ConfigError
@@ -223,21 +223,6 @@ class _DecodedClips(torch.utils.data.Dataset):
             return path, self.featurise(path), None
         except AudioError as err:
             return path, None, err.reason
-
-
-def audio_files(inputs: Iterable[str | os.PathLike]) -> list[str]:
-    """Expand files and folders (recursively) into audio file paths, in order."""
-    paths: list[str] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths.extend(
-                str(p)
-                for p in sorted(item.rglob("*"))
-                if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
-            )
-        else:
-            paths.append(str(item))
-    return paths
 
 
 def submission(

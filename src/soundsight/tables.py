@@ -14,18 +14,18 @@ defaults do not cover:
   ``'`` gets one more, so :func:`read_csv` can drop exactly one and give back every
   value unchanged. Numeric columns are left alone (``-0.5`` stays a number).
 
-Files are written to a unique temporary name beside the target, flushed to disk, and
-renamed into place: readers never see half a file, and two processes writing the same
-file never share a temporary.
+Files are written whole (:func:`soundsight.files.write_whole`): readers never see half
+a file, and two processes writing the same file never share a temporary.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from .files import write_whole
 
 #: First characters that make a spreadsheet read a cell as a formula (OWASP).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -57,18 +57,7 @@ def write_csv(frame: pd.DataFrame, path: str | os.PathLike, index: bool = False)
     out.columns = [neutralise(c) if isinstance(c, str) else c for c in out.columns]
     if index:
         out.index = [neutralise(i) if isinstance(i, str) else i for i in out.index]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            out.to_csv(file, index=index)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_whole(path, lambda file: file.write(out.to_csv(index=index).encode("utf-8")))
 
 
 def read_csv(

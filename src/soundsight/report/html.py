@@ -22,8 +22,8 @@ import pandas as pd
 
 from ..audio import AudioError, load_clip
 from ..config import config_to_dict
+from ..files import write_whole
 from . import plotting
-from .files import write_whole
 from .run import CVData, RunData, cv_folds, is_cv_folder
 
 #: Embedded as they are (Chromium, Firefox and Safari play these); other audio, or

@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from .. import plots
 from ..errors import ConfigError
 from ..features import FeatureConfig
+from ..files import write_whole
 from ..tables import write_csv
-from .files import write_whole
 from .inference import LogMels, clip_embeddings
 from .run import CVData, RunData, is_cv_folder, steps_per_epoch_from_checkpoints
 

@@ -71,3 +71,32 @@ def test_a_clips_scores_do_not_depend_on_batching_or_its_neighbours(tiny_model, 
         for (p, e), (p0, e0) in zip(together, alone, strict=True):
             np.testing.assert_allclose(p, p0, atol=1e-6)
             np.testing.assert_allclose(e, e0, atol=1e-4)
+
+
+def test_a_long_recording_read_in_blocks_scores_as_when_decoded_whole(
+    tiny_model, esc_clips, tmp_path, monkeypatch
+):
+    import soundfile as sf
+
+    from soundsight import prediction
+
+    # Over 2 minutes of real ESC-50 clips, one after the other, at their 44.1 kHz.
+    long = tmp_path / "long.flac"
+    written = 0
+    with sf.SoundFile(long, "w", 44100, 1) as out:
+        for clip in esc_clips * 4:
+            samples = sf.read(clip, dtype="float32")[0]
+            out.write(samples)
+            written += len(samples)
+            if written > 130 * 44100:
+                break
+    classifier = Classifier.load(tiny_model)
+    whole = classifier.probabilities([classifier.log_mel(long)])[0]
+    assert sf.info(long).duration > prediction.STREAM_SECONDS  # so this one streams
+    streamed = classifier.predict(long, top_k=len(classifier.labels))
+    batch, _ = classifier.predict_files([long, esc_clips[0]], workers=0, progress=False)
+    by_label = dict(streamed)
+    np.testing.assert_allclose([by_label[label] for label in classifier.labels], whole, atol=1e-5)
+    np.testing.assert_allclose(batch.loc[0, classifier.labels].to_numpy(float), whole, atol=1e-5)
+    single = classifier.probabilities([classifier.log_mel(esc_clips[0])])[0]
+    np.testing.assert_allclose(batch.loc[1, classifier.labels].to_numpy(float), single, atol=1e-6)

@@ -10,7 +10,7 @@ A clip of any length becomes fixed-size views:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -85,13 +85,40 @@ class ClipView:
         """
         if self.size is not None:
             return self._squash(db)[None]
-        length = db.shape[1]
+        return np.stack([self._fit(db, s) for s in self.starts(db.shape[1])])
+
+    def starts(self, length: int) -> np.ndarray:
+        """First frame of each evaluation window of a ``length``-frame clip (see
+        :meth:`windows`; negative for a short clip's one centred window)."""
+        assert self.frames is not None, "squash views have no windows"
         if length <= self.frames:
-            return self._fit(db, -((self.frames - length) // 2))[None]
+            return np.array([-((self.frames - length) // 2)])
         step = max(1, 2 * self.frames // 3)
         count = -(-(length - self.frames) // step) + 1
-        starts = np.linspace(0, length - self.frames, count).round().astype(int)
-        return np.stack([self._fit(db, s) for s in starts])
+        return np.linspace(0, length - self.frames, count).round().astype(int)
+
+    def stream_windows(
+        self, blocks: Iterable[np.ndarray], length: int, batch: int = 16
+    ) -> Iterator[np.ndarray]:
+        """The :meth:`windows` of a clip whose log-mel comes as consecutive column
+        ``blocks`` (``length`` frames in all), ``batch`` windows at a time, holding only
+        the frames that windows still to come need."""
+        starts = list(self.starts(length))
+        assert self.frames is not None and starts[0] >= 0, "stream only clips longer than a window"
+        held = np.zeros((0, 0), np.float32)
+        offset = 0  # frame number of held[:, 0]
+        ready: list[np.ndarray] = []
+        for block in blocks:
+            held = block if held.size == 0 else np.concatenate([held, block], axis=1)
+            while starts and starts[0] + self.frames <= offset + held.shape[1]:
+                ready.append(self._fit(held, starts.pop(0) - offset))
+                if len(ready) == batch:
+                    yield np.stack(ready)
+                    ready = []
+            keep = (starts[0] - offset) if starts else held.shape[1]
+            held, offset = held[:, keep:], offset + keep
+        if ready:
+            yield np.stack(ready)
 
 
 class CachedClips(torch.utils.data.Dataset):

@@ -95,12 +95,27 @@ class LogMel(torch.nn.Module):
         cfg = self.config
         if waveforms.shape[-1] < cfg.n_fft:
             waveforms = torch.nn.functional.pad(waveforms, (0, cfg.n_fft - waveforms.shape[-1]))
+        db = _decibels(self.mel_power(waveforms))
+        if lengths is not None:
+            frames = 1 + lengths.clamp_min(cfg.n_fft) // cfg.hop_length
+            valid = torch.arange(db.shape[-1], device=db.device) < frames[:, None]
+            db = db.masked_fill(~valid[:, None, :], -torch.inf)
+        db = db - db.amax(dim=(-2, -1), keepdim=True)
+        return db if cfg.top_db is None else db.clamp_min(cfg.floor_db)
+
+    def mel_power(self, waveforms: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """Mel power ``(batch, n_mels, steps)`` of each row: centred, zero-padded frames
+        (as librosa), or with ``frames`` the first ``frames`` uncentred frames of rows
+        that already carry their padding (:meth:`Featuriser.stream`'s blocks)."""
+        cfg = self.config
+        if frames is not None:
+            waveforms = waveforms[..., : (frames - 1) * cfg.hop_length + cfg.n_fft]
         spec = torch.stft(
             waveforms,
             cfg.n_fft,
             cfg.hop_length,
             window=self.window,
-            center=True,
+            center=frames is None,
             pad_mode="constant",
             return_complex=True,
         )
@@ -109,16 +124,8 @@ class LogMel(torch.nn.Module):
             # One sparse product for the whole batch: (bins, batch * frames).
             batch, bins, steps = power.shape
             mel = torch.sparse.mm(self.sparse_mel_basis, power.transpose(0, 1).reshape(bins, -1))
-            mel = mel.view(-1, batch, steps).transpose(0, 1)
-        else:
-            mel = torch.matmul(self.mel_basis, power)
-        db = 10.0 * torch.log10(mel.clamp_min(AMIN))
-        if lengths is not None:
-            frames = 1 + lengths.clamp_min(cfg.n_fft) // cfg.hop_length
-            valid = torch.arange(db.shape[-1], device=db.device) < frames[:, None]
-            db = db.masked_fill(~valid[:, None, :], -torch.inf)
-        db = db - db.amax(dim=(-2, -1), keepdim=True)
-        return db if cfg.top_db is None else db.clamp_min(cfg.floor_db)
+            return mel.view(-1, batch, steps).transpose(0, 1)
+        return torch.matmul(self.mel_basis, power)
 
 
 def _flushing_denormals() -> bool:
@@ -197,6 +204,60 @@ class Featuriser:
         # computed now or read from the cache (a float16 step is at most 1/16 dB here).
         db = db.astype(LOG_MEL_DTYPE).astype(np.float32)
         return [row[:, : self.config.num_frames(len(w))] for w, row in zip(waves, db, strict=True)]
+
+    def stream(
+        self, path: str | os.PathLike, block_seconds: float = 30.0
+    ) -> tuple[int, Iterator[np.ndarray]]:
+        """The log-mel of a recording of any length, in consecutive column blocks, with
+        memory bounded by one block: ``(frames, blocks)``, where the blocks joined
+        along time equal ``self(path)`` (to the streaming resampler's precision).
+
+        Two passes over the file (:func:`~soundsight.audio.read_blocks`): the first
+        finds the clip's loudest bin (the dB reference, as for a whole clip) and its
+        length, the second yields the dB values. Decoding twice costs less than
+        holding an hour of mel power in memory.
+        """
+        reference, frames = -np.inf, 0
+        for power in self._mel_power(path, block_seconds):
+            reference = max(reference, float(_decibels(power).max()))
+            frames += power.shape[1]
+
+        def blocks() -> Iterator[np.ndarray]:
+            for power in self._mel_power(path, block_seconds):
+                db = _decibels(power) - reference
+                if self.config.top_db is not None:
+                    db = db.clamp_min(self.config.floor_db)
+                yield db.numpy().astype(LOG_MEL_DTYPE).astype(np.float32)
+
+        return frames, blocks()
+
+    def _mel_power(self, path: str | os.PathLike, block_seconds: float) -> Iterator[torch.Tensor]:
+        """Mel power ``(n_mels, k)`` of consecutive frames of the whole recording: the
+        frames :class:`LogMel` computes (centred, zero-padded), from blocks of samples
+        carried over by the ``n_fft - hop`` samples that frames share."""
+        from .audio import read_blocks
+
+        cfg = self.config
+        half = cfg.n_fft // 2
+        carry = np.zeros(half, np.float32)  # the zero padding before the first frame
+        seen = 0
+        with torch.inference_mode(), flush_denormals():
+            for block in read_blocks(path, cfg.sample_rate, block_seconds):
+                seen += len(block)
+                carry = np.concatenate([carry, block])
+                count = (len(carry) - cfg.n_fft) // cfg.hop_length + 1
+                if count > 0:
+                    yield self.logmel.mel_power(torch.from_numpy(carry[None]), count)[0]
+                    carry = carry[count * cfg.hop_length :]
+            total = cfg.num_frames(max(seen, cfg.n_fft))
+            done = (seen + half - len(carry)) // cfg.hop_length
+            carry = np.concatenate([carry, np.zeros(half + cfg.n_fft, np.float32)])
+            if total > done:
+                yield self.logmel.mel_power(torch.from_numpy(carry[None]), total - done)[0]
+
+
+def _decibels(power: torch.Tensor) -> torch.Tensor:
+    return 10.0 * torch.log10(power.clamp_min(AMIN))
 
 
 def log_mel(waveform: np.ndarray, config: FeatureConfig) -> np.ndarray:

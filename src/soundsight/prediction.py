@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .audio import AudioError
+from .audio import AudioError, clip_duration
 from .cache import DEFAULT_CACHE, prepare
 from .data import ClipView
 from .errors import ConfigError
@@ -31,6 +31,12 @@ from .models import SoundNet, fold_batch_norms, window_scores
 WINDOWS_PER_BATCH = 4
 
 
+#: Recordings longer than this (seconds, from their header) are featurised and scored
+#: in blocks (:meth:`Featuriser.stream`), so memory does not grow with their length;
+#: shorter ones are decoded whole (one pass, quicker).
+STREAM_SECONDS = 120.0
+
+
 def score_log_mels(
     net: SoundNet,
     view: ClipView,
@@ -38,14 +44,24 @@ def score_log_mels(
     embed: bool = False,
     windows_per_batch: int = WINDOWS_PER_BATCH,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """The one windowed scorer: each clip's log-mel becomes its evaluation windows
-    (:meth:`ClipView.windows`), windows of consecutive clips share forward passes of
-    about ``windows_per_batch``, and each clip gets the mean of its windows'
+    """The one windowed scorer, on whole log-mels: each becomes its evaluation windows
+    (:meth:`ClipView.windows`), then :func:`score_windows`."""
+    return score_windows(net, ([view.windows(db)] for db in log_mels), embed, windows_per_batch)
+
+
+def score_windows(
+    net: SoundNet,
+    clips: Iterable[Iterable[np.ndarray]],
+    embed: bool = False,
+    windows_per_batch: int = WINDOWS_PER_BATCH,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Score clips given as their evaluation windows, each clip an iterable of window
+    arrays ``(k, n_mels, frames)``: windows of consecutive clips share forward passes
+    of about ``windows_per_batch``, and each clip gets the mean of its windows'
     probabilities (and, with ``embed``, of their penultimate embeddings).
 
     Yields ``(probabilities, embedding or None)`` per clip, in order, as soon as the
-    clip's last window is scored: memory holds one batch, not the whole input. A clip
-    with more windows than a batch is scored in several passes.
+    clip's last window is scored: memory holds one batch, not the whole input.
     """
     device = next(net.parameters()).device
     pending: list[np.ndarray] = []  # windows waiting for a forward pass
@@ -70,18 +86,18 @@ def score_log_mels(
         for clip in sorted(c for c in sums if c < limit):
             probability, embedding, count = sums.pop(clip)
             yield (
-                (probability / count).cpu().numpy(),
-                (embedding / count).cpu().numpy() if embed else None,
+                (probability / count).float().cpu().numpy(),
+                (embedding / count).float().cpu().numpy() if embed else None,
             )
 
     with torch.inference_mode(), flush_denormals():
-        for clip, db in enumerate(log_mels):
-            windows = view.windows(db)
-            for start in range(0, len(windows), windows_per_batch):
-                pending.append(windows[start : start + windows_per_batch])
-                owners.extend([clip] * len(pending[-1]))
-                if len(owners) >= windows_per_batch:
-                    flush()
+        for clip, chunks in enumerate(clips):
+            for windows in chunks:
+                for start in range(0, len(windows), windows_per_batch):
+                    pending.append(windows[start : start + windows_per_batch])
+                    owners.extend([clip] * len(pending[-1]))
+                    if len(owners) >= windows_per_batch:
+                        flush()
             done = clip + 1
             if not pending:
                 yield from finished(done)
@@ -134,6 +150,14 @@ class Classifier:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
+    def windows(self, clip: Clip) -> Iterable[np.ndarray]:
+        """A clip's evaluation windows, as :func:`score_windows` takes them: read in
+        blocks for a recording longer than :data:`STREAM_SECONDS`, else whole."""
+        if isinstance(clip, str | os.PathLike) and clip_duration(clip) > STREAM_SECONDS:
+            frames, blocks = self.featurise.stream(clip)
+            return self.view.stream_windows(blocks, frames)
+        return [self.view.windows(self.log_mel(clip))]
+
     def log_mel(self, clip: Clip, max_duration: float | None = None) -> np.ndarray:
         """The model's log-mel of a clip: a file path, encoded bytes, or a mono
         waveform already at ``features.sample_rate``."""
@@ -165,7 +189,8 @@ class Classifier:
 
     def predict(self, clip: Clip, top_k: int = 3) -> list[tuple[str, float]]:
         """The ``top_k`` (label, probability) pairs for one clip (path, bytes or waveform)."""
-        return self.top(self.probabilities([self.log_mel(clip)])[0], top_k)
+        probabilities, _ = next(score_windows(self.net, [self.windows(clip)]))
+        return self.top(probabilities, top_k)
 
     def predict_files(
         self,
@@ -189,22 +214,30 @@ class Classifier:
             num_workers=workers,
             multiprocessing_context="fork" if workers else None,
         )
-        scored: list[str] = []
         failures: list[tuple[str, str]] = []
+        results: dict[int, np.ndarray] = {}  # file number -> probabilities
+        short: list[int] = []  # file numbers of the clips given to the shared batches
 
-        def decoded() -> Iterator[np.ndarray]:
+        def windows() -> Iterator[Iterable[np.ndarray]]:
             with tqdm(total=len(paths), desc="predict", unit="clip", disable=not progress) as bar:
-                for path, db, reason in loader:
+                for number, (path, db, reason) in enumerate(loader):
                     bar.update(1)
-                    if db is None:
+                    if reason == _LONG:  # scored on its own, in blocks, as it is read
+                        try:
+                            results[number] = next(score_windows(self.net, [self.windows(path)]))[0]
+                        except AudioError as err:
+                            failures.append((path, err.reason))
+                    elif db is None:
                         failures.append((path, reason))
                     else:
-                        scored.append(path)
-                        yield db
+                        short.append(number)
+                        yield [self.view.windows(np.asarray(db))]
 
-        rows = [p for p, _ in self.score(decoded())]
-        frame = pd.DataFrame(rows, columns=self.labels)
-        frame.insert(0, "path", scored)
+        for count, (probabilities, _) in enumerate(score_windows(self.net, windows())):
+            results[short[count]] = probabilities
+        order = sorted(results)
+        frame = pd.DataFrame([results[n] for n in order], columns=self.labels)
+        frame.insert(0, "path", [str(paths[n]) for n in order])
         return frame, failures
 
 
@@ -220,9 +253,15 @@ class _DecodedClips(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
+            if clip_duration(path) > STREAM_SECONDS:
+                return path, None, _LONG  # read in blocks by the scoring process
             return path, self.featurise(path), None
         except AudioError as err:
             return path, None, err.reason
+
+
+#: Marks a recording that :meth:`Classifier.windows` reads in blocks.
+_LONG = "long recording"
 
 
 def submission(

@@ -107,7 +107,7 @@ AWKWARD_LABELS = ("NA", "null", "01", "1", "1.0", "=SUM(1)", "'quoted")
 
 
 def test_labels_that_look_like_numbers_or_missing_values_stay_distinct(fsdd_dir, tmp_path):
-    classes = {label: _recordings(fsdd_dir, d, 3) for d, label in enumerate(AWKWARD_LABELS)}
+    classes = {label: _recordings(fsdd_dir, d, 5) for d, label in enumerate(AWKWARD_LABELS)}
     clips = load_dataset(_folder(tmp_path / "data", classes), "folder")
     run = tmp_path / "run"
     result = train(clips, run, config=ONE_EPOCH, cache=tmp_path / "cache", progress=False)
@@ -145,7 +145,7 @@ def test_clips_edited_or_deleted_during_training_are_left_out_and_reported(
             shutil.copy(replacement, edited)
 
     monkeypatch.setattr(ClipClassifier, "on_train_epoch_start", change_files)
-    config = TrainConfig(stage1_epochs=0, stage2_epochs=2, batch_size=8)
+    config = TrainConfig(stage1_epochs=0, stage2_epochs=2, batch_size=6)
     with pytest.warns(UserWarning, match="2 clips changed or were deleted during training"):
         result = train(
             clips,

@@ -111,10 +111,10 @@ class CachedClips(torch.utils.data.Dataset):
         self,
         cache: FeatureCache,
         paths: Sequence[str],
-        targets: Sequence[int],
+        targets: Sequence[int] | np.ndarray,
         view: ClipView,
         train: bool,
-        weights: Sequence[float] | None = None,
+        weights: Sequence[float] | np.ndarray | None = None,
     ):
         self.paths = [str(p) for p in paths]
         self.entries = [_entry(cache, p) for p in self.paths]

@@ -220,7 +220,7 @@ class ClipDataModule(L.LightningDataModule):
         self.prepare_data()
         assert self._feature_cache is not None and self._report is not None
         cache = self._feature_cache
-        self._leave_out(self._report.failures)
+        self._leave_out(self._report.failures, "could not be decoded")
         train, valid = (self._cached(self._tables[s], cache) for s in ("train", "valid"))
         self.labels = sorted(train["label"].unique())
         unseen = ~valid["label"].isin(self.labels)
@@ -259,21 +259,26 @@ class ClipDataModule(L.LightningDataModule):
         was prepared is left out with the reason."""
         present = np.array([p in cache for p in table["path"]], bool)
         failed = {path for path, _ in self.failures}
-        self._leave_out(
-            [(p, _changed(p)) for p in table["path"][~present] if p not in failed], warn=False
-        )
+        changed = [
+            (p, f"{_changed(p)} after it was prepared")
+            for p in table["path"][~present]
+            if p not in failed
+        ]
+        self._leave_out(changed, "were edited or deleted after they were prepared")
         return table[present].reset_index(drop=True)
 
-    def _leave_out(self, failures: list[tuple[str, str]], warn: bool = True) -> None:
-        """Record clips left out; rank 0 rewrites ``failures.csv`` with all of them."""
+    def _leave_out(self, failures: list[tuple[str, str]], why: str) -> None:
+        """Record clips left out, and warn ``N clips <why> and are left out``; rank 0
+        rewrites ``failures.csv`` with all of them."""
         self.failures.extend(failures)
         if self._is_global_zero():
             table = pd.DataFrame(self.failures, columns=["path", "reason"])
             write_csv(table, self.out / "failures.csv")
-        if failures and warn:
+        if failures:
+            names = _names(path for path, _ in failures)
             warnings.warn(
-                f"{len(failures)} clips could not be decoded and are left out "
-                f"(see {self.out / 'failures.csv'})",
+                f"{len(failures)} clips {why} and are left out ({names}; see "
+                f"{self.out / 'failures.csv'})",
                 stacklevel=4,
             )
 
@@ -305,11 +310,9 @@ class ClipDataModule(L.LightningDataModule):
             self._kept[split] = np.array(
                 [i for i, p in zip(self._kept[split], paths, strict=True) if p not in gone], int
             )
-        self._leave_out([(p, _changed(p) + " during training") for p in changed], warn=False)
-        warnings.warn(
-            f"{len(changed)} clips changed or were deleted during training and are left "
-            f"out from now on ({_names(changed)}; see {self.out / 'failures.csv'})",
-            stacklevel=2,
+        self._leave_out(
+            [(p, f"{_changed(p)} during training") for p in changed],
+            "changed or were deleted during training",
         )
         if not len(self._kept["train"]) or not len(self._kept["valid"]):
             raise DatasetError("every training or validation clip changed during training")
@@ -365,7 +368,8 @@ def _labelled(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _changed(path: str) -> str:
-    return "deleted" if identity(path) == MISSING else "edited after it was prepared"
+    """How a clip's file changed: ``deleted`` or ``edited``."""
+    return "deleted" if identity(path) == MISSING else "edited"
 
 
 def resolve_crop(model: ModelConfig, durations: np.ndarray) -> ModelConfig:

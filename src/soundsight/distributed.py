@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def distribution(devices="auto", num_nodes: int = 1) -> tuple[object, int, str]:
     return devices, num_nodes, "ddp" if several else "auto"
 
 
-def precision() -> str:
+def precision() -> Literal["bf16-mixed", "32-true"]:
     """bf16 mixed precision on GPUs that have it; fp32 on CPUs (bf16 autocast on a CPU
     was not reliably faster here)."""
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

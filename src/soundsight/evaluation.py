@@ -29,7 +29,9 @@ def map_at_k(probabilities: np.ndarray, targets: np.ndarray, k: int = 3) -> floa
     return float((hits / np.arange(1, k + 1)).sum(axis=1).mean())
 
 
-def score(probabilities: np.ndarray, targets: Sequence[int], labels: Sequence[str]) -> dict:
+def score(
+    probabilities: np.ndarray, targets: Sequence[int] | np.ndarray, labels: Sequence[str]
+) -> dict:
     """Accuracy, error rate, MAP@3, per-class precision/recall/F1, confusion matrix
     (rows true, columns predicted) and the most-confused pairs."""
     targets = np.asarray(targets)
@@ -96,7 +98,7 @@ def write_metrics(
     labels: Sequence[str],
     paths: Sequence[str],
     probabilities: np.ndarray,
-    targets: Sequence[int],
+    targets: Sequence[int] | np.ndarray,
 ) -> None:
     """Write :func:`score`'s results to the folder ``out``: ``metrics.json`` (the
     :data:`SUMMARY`), ``per_class.csv``, ``confusion.csv`` (true labels in rows),

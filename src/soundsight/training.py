@@ -236,15 +236,12 @@ class ClipClassifier(L.LightningModule):
         """Probabilities and targets of all ``count`` clips of the last validation, in
         table order, on every rank (each rank scored only its share of them)."""
         local = [torch.cat([o[k] for o in self._valid_outputs]) for k in range(3)]
-        if self.trainer.world_size == 1:
-            shares = [tuple(t.numpy() for t in local)]
-        else:
-            # Lightning's sampler gives every rank an equal share, so the shapes agree.
-            gathered = self.all_gather(local)
-            shares = [
-                tuple(t[rank].cpu().numpy() for t in gathered)
-                for rank in range(self.trainer.world_size)
-            ]
+        world = self.trainer.world_size
+        # Lightning's sampler gives every rank an equal share, so the shapes agree; in
+        # one process all_gather gives back its input, without a rank dimension.
+        gathered = self.all_gather(local) if world > 1 else [t[None] for t in local]
+        probabilities, targets, rows = (t.cpu().numpy() for t in gathered)
+        shares = [(probabilities[r], targets[r], rows[r]) for r in range(world)]
         return gather_in_order(shares, count)
 
 
@@ -309,7 +306,14 @@ class TrainResult:
 
 
 def _trainer(
-    out: Path, stage: int, epochs: int, table: EpochTable, progress: bool, devices, num_nodes: int
+    out: Path,
+    stage: int,
+    epochs: int,
+    *,
+    table: EpochTable,
+    progress: bool,
+    devices,
+    num_nodes: int,
 ) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -347,33 +351,12 @@ def _checkpoint(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage{stage}" / "last.ckpt"
 
 
-def _data(
-    clips: pd.DataFrame,
-    out: Path,
-    valid: pd.DataFrame | None,
-    features: FeatureConfig,
-    model: ModelConfig | None,
-    config: TrainConfig,
-    cache: str | Path | None,
-    progress: bool,
-    resume: bool = False,
-    force: bool = False,
-) -> ClipDataModule:
-    """The run's data module, set up (the network needs its labels and crop length)."""
+def _data(clips: pd.DataFrame, out: Path, config: TrainConfig, **options) -> ClipDataModule:
+    """The run's data module (``options``: :class:`ClipDataModule`'s), seeded and set
+    up: the network needs its labels and crop length."""
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = ClipDataModule(
-        clips,
-        out=out,
-        valid=valid,
-        features=features,
-        model=model or ModelConfig(),
-        config=config,
-        cache=cache,
-        resume=resume,
-        force=force,
-        progress=progress,
-    )
+    data = ClipDataModule(clips, out=out, config=config, **options)
     data.prepare_data()
     data.setup("fit")
     return data
@@ -443,11 +426,32 @@ def train(
     if lr_find and distribution(devices, num_nodes)[2] == "ddp":
         raise ConfigError("--lr auto runs in one process: run lr-find first, then train with --lr")
     resuming = resume and any(_checkpoint(out, stage).exists() for stage in (1, 2))
-    data = _data(clips, out, valid, features, model, config, cache, progress, resuming, force)
+    data = _data(
+        clips,
+        out,
+        config,
+        valid=valid,
+        features=features,
+        model=model or ModelConfig(),
+        cache=cache,
+        resume=resuming,
+        force=force,
+        progress=progress,
+    )
     module = _classifier(data, pretrained)
     if lr_find:
         _use_found_rate(module, data, out / "lr_find.png", progress)
-    trainer = _fit_stages(module, data, out, resuming, progress, devices, num_nodes)
+    trainer = _fit_stages(
+        module, data, out, resume=resuming, progress=progress, devices=devices, num_nodes=num_nodes
+    )
+    return _validate_and_save(trainer, module, data, out)
+
+
+def _validate_and_save(
+    trainer: L.Trainer, module: ClipClassifier, data: ClipDataModule, out: Path
+) -> TrainResult:
+    """Score the trained network on every validation clip; rank 0 writes the model
+    file and the scores."""
     trainer.validate(module, datamodule=data, verbose=False)
     valid_clips = data.valid
     probabilities, targets = module.validation_results(len(valid_clips))
@@ -459,7 +463,7 @@ def train(
             module.net,
             {
                 "labels": data.labels,
-                "features": config_to_dict(features),
+                "features": config_to_dict(data.features),
                 "model": config_to_dict(data.model),
                 "train": config_to_dict(module.config),
                 "metrics": {k: metrics[k] for k in SUMMARY},
@@ -491,6 +495,7 @@ def _fit_stages(
     module: ClipClassifier,
     data: ClipDataModule,
     out: Path,
+    *,
     resume: bool,
     progress: bool,
     devices,
@@ -505,7 +510,9 @@ def _fit_stages(
         if epochs <= 0 or (resume and stage == 1 and _checkpoint(out, 2).exists()):
             continue
         module.set_stage(stage)
-        trainer = _trainer(out, stage, epochs, table, progress, devices, num_nodes)
+        trainer = _trainer(
+            out, stage, epochs, table=table, progress=progress, devices=devices, num_nodes=num_nodes
+        )
         last = _checkpoint(out, stage)
         trainer.fit(module, datamodule=data, ckpt_path=last if resume and last.exists() else None)
     module.set_stage(2)
@@ -525,8 +532,16 @@ def lr_find(
 ) -> float:
     """Run the LR range test alone: saves ``out/lr_find.png``, returns the suggestion."""
     out = Path(out)
-    config = config or TrainConfig()
-    data = _data(clips, out, None, features or FeatureConfig(), model, config, cache, progress)
+    features, model = features or FeatureConfig(), model or ModelConfig()
+    data = _data(
+        clips,
+        out,
+        config or TrainConfig(),
+        features=features,
+        model=model,
+        cache=cache,
+        progress=progress,
+    )
     return find_learning_rate(_classifier(data, True), data, out / "lr_find.png", progress)
 
 
@@ -557,6 +572,8 @@ def find_learning_rate(
         num_training=min(100, 3 * len(loader)),
         update_attr=False,
     )
+    if finder is None:  # Lightning skips the test under fast_dev_run
+        raise RuntimeError("the LR finder did not run")
     suggestion = finder.suggestion()
     results = pd.DataFrame(finder.results)
     write_csv(results.assign(suggestion=suggestion), plot_path.with_suffix(".csv"))

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -22,13 +21,8 @@ import pytest
 import torch
 
 from soundsight import load_dataset
-from soundsight.training import (
-    _gather_valid_outputs,
-    _prepare_all,
-    distribution,
-    is_global_zero,
-    precision,
-)
+from soundsight.datamodule import prepare_shards
+from soundsight.distributed import distribution, gather_in_order, is_global_zero, precision
 
 #: Clips per digit in the DDP test's dataset (200 clips: 160 train, 40 validation),
 #: and its epochs (10 steps each, of 16 clips in all).
@@ -98,19 +92,17 @@ def test_only_rank_zero_writes(no_launcher):
 
 
 def test_padded_validation_shares_are_put_back_in_order():
-    # One rank's share as DistributedSampler pads it: rows out of order, one repeated.
-    probabilities = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.6, 0.4], [0.8, 0.2]])
-    module = SimpleNamespace(
-        _valid_outputs=[
-            (probabilities[:2], torch.tensor([1, 0]), torch.tensor([2, 0])),
-            (probabilities[2:], torch.tensor([0, 0]), torch.tensor([1, 0])),
-        ]
-    )
-    merged, targets = _gather_valid_outputs(module, 3)
+    # Two ranks' shares as DistributedSampler pads them: rows out of order, one repeated.
+    probabilities = np.array([[0.1, 0.9], [0.8, 0.2], [0.6, 0.4], [0.8, 0.2]])
+    shares = [
+        (probabilities[:2], np.array([1, 0]), np.array([2, 0])),
+        (probabilities[2:], np.array([0, 0]), np.array([1, 0])),
+    ]
+    merged, targets = gather_in_order(shares, 3)
     assert np.allclose(merged, [[0.8, 0.2], [0.6, 0.4], [0.1, 0.9]])
     assert targets.tolist() == [0, 0, 1]
     with pytest.raises(RuntimeError, match="scored 3 of 4 clips"):
-        _gather_valid_outputs(module, 4)
+        gather_in_order(shares, 4)
 
 
 def test_each_launched_process_prepares_its_shard_then_the_rest(no_launcher, fsdd_clips, tmp_path):
@@ -119,7 +111,7 @@ def test_each_launched_process_prepares_its_shard_then_the_rest(no_launcher, fsd
     no_launcher.setenv("WORLD_SIZE", "2")
     no_launcher.setenv("LOCAL_WORLD_SIZE", "2")
     table = pd.DataFrame({"path": [str(p) for p in fsdd_clips[:4]]})
-    cache, report = _prepare_all(table, tmp_path / "cache", None, progress=False)
+    cache, report = prepare_shards(table, tmp_path / "cache", None, progress=False)
     assert all(p in cache for p in table["path"])
     assert (cache.folder / "failures-shard1of2.csv").is_file()
     assert report.total == 4 and report.skipped == 2 and report.done == 2

@@ -351,8 +351,8 @@ def _print_scores(what: str, metrics: dict) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import write_metrics
     from .prediction import evaluate
-    from .training import write_metrics
 
     clips = _dataset(args)
     metrics, frame, failures = evaluate(args.model, clips, args.cache)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import FeatureCache
+from .cache import CacheError, FeatureCache
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -126,19 +127,24 @@ class CachedClips(torch.utils.data.Dataset):
 
     Items are ``(view, target, weight)`` with ``view`` of shape ``(1, H, W)`` for
     training (one random view) or ``(k, 1, H, W)`` for evaluation (all windows).
+
+    Each clip's cache entry is looked up once, here: the dataset goes on reading the
+    features the clip had then, even when the file is edited or deleted meanwhile (an
+    edited file has a new entry; training finds such clips between epochs and leaves
+    them out, see :class:`soundsight.datamodule.ClipDataModule`).
     """
 
     def __init__(
         self,
         cache: FeatureCache,
         paths: Sequence[str],
-        targets: Sequence[int],
+        targets: Sequence[int] | np.ndarray,
         view: ClipView,
         train: bool,
-        weights: Sequence[float] | None = None,
+        weights: Sequence[float] | np.ndarray | None = None,
     ):
-        self.cache = cache
-        self.paths = list(paths)
+        self.paths = [str(p) for p in paths]
+        self.entries = [_entry(cache, p) for p in self.paths]
         self.targets = torch.as_tensor(list(targets), dtype=torch.long)
         self.weights = (
             torch.ones(len(self.paths))
@@ -152,12 +158,29 @@ class CachedClips(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        db = self.cache.load(self.paths[index])
+        try:
+            db = np.load(self.entries[index], mmap_mode="r")
+        except OSError as err:
+            raise CacheError(
+                f"{self.paths[index]}: its features {self.entries[index]} cannot be read "
+                f"({err.strerror or err})"
+            ) from None
         if self.train:
             x = torch.from_numpy(self.view.random(db))[None]
         else:
             x = torch.from_numpy(self.view.windows(db))[:, None]
         return x, self.targets[index], self.weights[index]
+
+
+def _entry(cache: FeatureCache, path: str) -> Path:
+    """The cache entry of the clip at ``path`` as it is now; a clear error if none."""
+    try:
+        entry = cache.entry(path)
+    except OSError as err:
+        raise CacheError(f"{path}: cannot read the source file ({err.strerror})") from None
+    if not entry.exists():
+        raise CacheError(f"{path}: not in the cache {cache.folder} (run prepare)")
+    return entry
 
 
 def collate_windows(items):

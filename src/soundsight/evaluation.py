@@ -1,14 +1,24 @@
-"""Scoring predictions and splitting datasets into honest folds."""
+"""Scoring predictions, writing the scores, and splitting datasets into honest folds."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from .layouts import DatasetError
+from .tables import write_csv
+
+#: The headline scores kept in metrics.json, model files and CV summaries.
+SUMMARY = ("clips", "accuracy", "error_rate", "map3")
 
 
 def map_at_k(probabilities: np.ndarray, targets: np.ndarray, k: int = 3) -> float:
@@ -19,7 +29,9 @@ def map_at_k(probabilities: np.ndarray, targets: np.ndarray, k: int = 3) -> floa
     return float((hits / np.arange(1, k + 1)).sum(axis=1).mean())
 
 
-def score(probabilities: np.ndarray, targets: Sequence[int], labels: Sequence[str]) -> dict:
+def score(
+    probabilities: np.ndarray, targets: Sequence[int] | np.ndarray, labels: Sequence[str]
+) -> dict:
     """Accuracy, error rate, MAP@3, per-class precision/recall/F1, confusion matrix
     (rows true, columns predicted) and the most-confused pairs."""
     targets = np.asarray(targets)
@@ -62,6 +74,70 @@ def most_confused(confusion: np.ndarray, labels: Sequence[str], min_count: int =
     return frame.sort_values(["count", "true"], ascending=[False, True]).reset_index(drop=True)
 
 
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write ``data`` as indented JSON atomically (a unique temporary name, flushed,
+    then renamed: readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=2)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_metrics(
+    out: str | os.PathLike,
+    metrics: dict,
+    labels: Sequence[str],
+    paths: Sequence[str],
+    probabilities: np.ndarray,
+    targets: Sequence[int] | np.ndarray,
+) -> None:
+    """Write :func:`score`'s results to the folder ``out``: ``metrics.json`` (the
+    :data:`SUMMARY`), ``per_class.csv``, ``confusion.csv`` (true labels in rows),
+    ``most_confused.csv`` and the per-clip ``valid_predictions.csv`` (``path``,
+    ``label``, one probability column per label). CSVs go through
+    :func:`soundsight.tables.write_csv`: read them back with
+    :func:`soundsight.tables.read_csv` and labels stay the strings they were."""
+    out = Path(out)
+    labels = list(labels)
+    write_json(out / "metrics.json", {k: metrics[k] for k in SUMMARY})
+    write_csv(metrics["per_class"], out / "per_class.csv")
+    confusion = pd.DataFrame(metrics["confusion"], index=labels, columns=labels)
+    write_csv(confusion, out / "confusion.csv", index=True)
+    write_csv(metrics["most_confused"], out / "most_confused.csv")
+    frame = pd.DataFrame(probabilities, columns=labels)
+    frame.insert(0, "label", [labels[t] for t in targets])
+    frame.insert(0, "path", list(paths))
+    write_csv(frame, out / "valid_predictions.csv")
+
+
+def _check_splittable(table: pd.DataFrame, n_folds: int, grouped: bool) -> None:
+    """A clear error where sklearn's splitters would refuse ``n_folds`` folds."""
+    if len(table) < n_folds:
+        raise DatasetError(f"{len(table)} clips cannot be split into {n_folds} folds")
+    counts = table["label"].astype(str).value_counts()
+    if counts.iloc[0] < n_folds:
+        raise DatasetError(
+            f"every label has fewer clips than the {n_folds} folds (the largest, "
+            f"{counts.index[0]!r}, has {counts.iloc[0]}): use at most {counts.iloc[0]} folds"
+        )
+    groups = table["group"].nunique()
+    if grouped and groups < n_folds:
+        raise DatasetError(
+            f"the clips come from {groups} groups (speakers or source recordings), too few "
+            f"for {n_folds} folds that keep each group on one side: use at most "
+            f"{max(groups, 1)} folds, or pass a validation set"
+        )
+
+
 def make_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> list[np.ndarray]:
     """Validation row indices of each fold, stratified by label.
 
@@ -76,6 +152,8 @@ def make_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> list[np.
         return [
             np.flatnonzero(table["fold"].to_numpy() == f) for f in sorted(table["fold"].unique())
         ]
+    grouped = bool(table["group"].notna().all())
+    _check_splittable(table, n_folds, grouped)
     counts = pd.Series(labels).value_counts()
     rare = counts[counts < n_folds]
     if len(rare):
@@ -89,7 +167,7 @@ def make_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> list[np.
     with warnings.catch_warnings():
         # sklearn's own warning about small classes says less than ours above.
         warnings.filterwarnings("ignore", message="The least populated class")
-        if table["group"].notna().all():
+        if grouped:
             splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
             splits = splitter.split(index, labels, table["group"].astype(str).to_numpy())
         else:
@@ -101,12 +179,19 @@ def holdout(
     table: pd.DataFrame, fraction: float = 0.2, seed: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split into (train, valid) with about ``fraction`` held out, as one fold of
-    :func:`make_folds` (so stratified and grouped the same way)."""
+    :func:`make_folds` (so stratified and grouped the same way). A small dataset is
+    cut into fewer parts, as many as its largest label has clips (or as there are
+    groups), at least two: without groups, every label with two clips or more keeps one for
+    training."""
     n_folds = max(2, round(1 / fraction))
+    largest = int(table["label"].astype(str).value_counts().max()) if len(table) else 0
+    n_folds = max(2, min(n_folds, largest))
+    if table["group"].notna().all():
+        n_folds = max(2, min(n_folds, table["group"].nunique()))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fewer clips than the")
         valid = make_folds(table.assign(fold=pd.NA), n_folds, seed)[0]
-    rare = table["label"].value_counts()
+    rare = table["label"].astype(str).value_counts()
     singles = list(rare[rare < 2].index)
     if singles:
         warnings.warn(
@@ -114,7 +199,7 @@ def holdout(
             "they are kept for training and cannot be validated",
             stacklevel=2,
         )
-        valid = valid[~table["label"].iloc[valid].isin(singles).to_numpy()]
+        valid = valid[~table["label"].astype(str).iloc[valid].isin(singles).to_numpy()]
     mask = np.zeros(len(table), bool)
     mask[valid] = True
     return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)

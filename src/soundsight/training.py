@@ -1,20 +1,20 @@
 """Fine-tuning a backbone on cached log-mels with Lightning, in the blog's two stages.
 
 The science lives in :class:`ClipClassifier` (a LightningModule: augmentation, loss,
-optimiser and schedule); :func:`train` does the engineering (cache, splits, loaders,
-trainer, checkpoints, model file). Stage 1 trains the new head with the body frozen;
-stage 2 unfreezes everything, the body at a lower learning rate than the head; each
-stage runs its own one-cycle schedule.
+optimiser, schedule, validation scores); the clips come from
+:class:`~soundsight.datamodule.ClipDataModule`; :func:`train`, :func:`cross_validate`
+and :func:`lr_find` put them together with a Lightning Trainer (checkpoints, the
+per-epoch table, several processes through :mod:`soundsight.distributed`) and write
+the model file and the scores (:func:`soundsight.evaluation.write_metrics`). Stage 1
+trains the new head with the body frozen; stage 2 unfreezes everything, the body at a
+lower learning rate than the head; each stage runs its own one-cycle schedule
+(:mod:`soundsight.schedule`).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,18 +25,17 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from .cache import DEFAULT_CACHE, FeatureCache, prepare
 from .config import config_to_dict
-from .data import CachedClips, ClipView, collate_windows
+from .datamodule import ClipDataModule
+from .distributed import distribution, gather_in_order, is_global_zero, precision
 from .errors import ConfigError
-from .evaluation import holdout, make_folds, score
+from .evaluation import SUMMARY, make_folds, score, write_json, write_metrics
 from .features import FeatureConfig, flush_denormals
 from .modelfile import ModelSpec, save_model_file
 from .models import ModelConfig, SoundNet, clip_probabilities
 from .plots import plot_lr_find
-
-#: The headline scores kept in metrics.json, model files and CV summaries.
-SUMMARY = ("clips", "accuracy", "error_rate", "map3")
+from .schedule import one_cycle_options
+from .tables import read_csv, write_csv
 
 
 @dataclass(frozen=True)
@@ -201,7 +200,8 @@ class ClipClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_index):
-        # The third field is each clip's row in the validation table (see _Numbered).
+        # The third field is each clip's row in the validation table (see _Numbered
+        # in datamodule.py).
         windows, targets, rows, counts = batch
         probabilities = clip_probabilities(self.net, windows, counts).float()
         self._valid_outputs.append((probabilities.cpu(), targets.cpu(), rows.cpu()))
@@ -229,10 +229,21 @@ class ClipClassifier(L.LightningModule):
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=peaks,
-            total_steps=max(1, self.trainer.estimated_stepping_batches),
-            pct_start=0.25,
+            **one_cycle_options(int(self.trainer.estimated_stepping_batches)),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def validation_results(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and targets of all ``count`` clips of the last validation, in
+        table order, on every rank (each rank scored only its share of them)."""
+        local = [torch.cat([o[k] for o in self._valid_outputs]) for k in range(3)]
+        world = self.trainer.world_size
+        # Lightning's sampler gives every rank an equal share, so the shapes agree; in
+        # one process all_gather gives back its input, without a rank dimension.
+        gathered = self.all_gather(local) if world > 1 else [t[None] for t in local]
+        probabilities, targets, rows = (t.cpu().numpy() for t in gathered)
+        shares = [(probabilities[r], targets[r], rows[r]) for r in range(world)]
+        return gather_in_order(shares, count)
 
 
 class EpochTable(L.Callback):
@@ -262,17 +273,13 @@ class EpochTable(L.Callback):
             "error_rate": float(metrics.get("error_rate", math.nan)),
             "seconds": round(time.perf_counter() - self.started, 1),
         }
-        rows = read_history(self.path)
         rows = [
-            r for r in rows if (int(r["stage"]), int(r["epoch"])) != (row["stage"], row["epoch"])
+            r
+            for r in read_history(self.path)
+            if (int(r["stage"]), int(r["epoch"])) != (row["stage"], row["epoch"])
         ]
         rows.append(row)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, self.COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        write_csv(pd.DataFrame(rows, columns=list(self.COLUMNS)), self.path)
         if not self.quiet:
             if len(rows) == 1:
                 print("  ".join(f"{c:>10}" for c in self.COLUMNS))
@@ -285,10 +292,10 @@ class EpochTable(L.Callback):
 
 
 def read_history(path: Path) -> list[dict]:
+    """The rows of a run's ``history.csv`` (none before its first epoch)."""
     if not path.exists():
         return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(path).to_dict("records")
 
 
 @dataclass
@@ -299,86 +306,22 @@ class TrainResult:
     failures: list[tuple[str, str]]
 
 
-def _cached_subset(table: pd.DataFrame, cache: FeatureCache) -> pd.DataFrame:
-    return table[[p in cache for p in table["path"]]].reset_index(drop=True)
-
-
-def resolve_crop(model: ModelConfig, durations: np.ndarray) -> ModelConfig:
-    """Pick the crop length from the data when unset: the 90th percentile of clip
-    durations, between 1 and 3 seconds (short clips waste no compute on padding;
-    long ones are seen through several crops)."""
-    if model.image_size is not None or model.crop_seconds is not None:
-        return model
-    seconds = float(np.clip(np.percentile(durations, 90), 1.0, 3.0))
-    return replace(model, crop_seconds=round(seconds, 2))
-
-
-def _device_count(devices) -> int:
-    """How many devices a Lightning ``devices`` value names (1 for 'auto' and -1)."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip()
-    if "," in text:
-        return len([d for d in text.split(",") if d.strip()])
-    return int(text) if text.isdigit() else 1
-
-
-def distribution(devices="auto", num_nodes: int = 1) -> tuple[object, int, str]:
-    """Lightning's ``devices``, ``num_nodes`` and ``strategy`` for this process.
-
-    Several processes (``devices`` > 1, ``num_nodes`` > 1, or a launcher's
-    ``WORLD_SIZE`` > 1) train with DistributedDataParallel, ``"ddp"`` (gloo on CPUs,
-    NCCL on GPUs). Under torchrun, ``devices="auto"`` means the processes torchrun
-    started on each node, so ``torchrun --nproc_per_node N`` needs no other flag.
-    """
-    env = os.environ
-    if devices == "auto" and "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env:
-        devices = int(env["LOCAL_WORLD_SIZE"])
-        num_nodes = max(1, int(env.get("WORLD_SIZE", devices)) // devices)
-    elif isinstance(devices, str) and devices.strip().isdigit():
-        devices = int(devices)
-    several = num_nodes > 1 or int(env.get("WORLD_SIZE", 1)) > 1 or _device_count(devices) > 1
-    return devices, num_nodes, "ddp" if several else "auto"
-
-
-def precision() -> str:
-    """bf16 mixed precision on GPUs that have it; fp32 on CPUs (bf16 autocast on a CPU
-    was not reliably faster here)."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
-
-
-def _launch_rank() -> tuple[int, int]:
-    """(rank, world size) given by an external launcher (torchrun, SLURM's srun), known
-    before any process group exists; (0, 1) without one."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    return 0, 1
-
-
-def is_global_zero() -> bool:
-    """Whether this is the process that writes a run's files (rank 0 of any launcher;
-    the only process of a plain run)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    # Lightning's own launcher (--devices N alone) marks the processes it starts.
-    env = os.environ
-    return _launch_rank()[0] == 0 and env.get("LOCAL_RANK", "0") == env.get("NODE_RANK", "0") == "0"
-
-
 def _trainer(
-    out: Path, stage: int, epochs: int, table: EpochTable, progress: bool, devices, num_nodes: int
+    out: Path,
+    stage: int,
+    epochs: int,
+    *,
+    table: EpochTable,
+    progress: bool,
+    devices,
+    num_nodes: int,
 ) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     # The newest epoch's state as last.ckpt, replaced every epoch (Lightning writes it
     # atomically), which is what --resume continues from.
     checkpoints = ModelCheckpoint(
-        dirpath=out / "checkpoints" / f"stage{stage}",
+        dirpath=_checkpoint(out, stage).parent,
         filename="last",
         save_top_k=1,
         enable_version_counter=False,
@@ -398,137 +341,32 @@ def _trainer(
         num_sanity_val_steps=0,
         deterministic=False,
         default_root_dir=out,
+        # Loaders are asked for again each epoch: the data module leaves out clips
+        # whose file changed meanwhile.
+        reload_dataloaders_every_n_epochs=1,
     )
 
 
-@dataclass
-class _Run:
-    """Everything a training run is set up with (shared by train and lr_find)."""
-
-    module: ClipClassifier
-    train_loader: torch.utils.data.DataLoader
-    valid_loader: torch.utils.data.DataLoader
-    valid: pd.DataFrame
-    labels: list[str]
-    model: ModelConfig
-    failures: list[tuple[str, str]]
+def _checkpoint(out: Path, stage: int) -> Path:
+    """The checkpoint ``--resume`` continues a stage from."""
+    return out / "checkpoints" / f"stage{stage}" / "last.ckpt"
 
 
-class _Numbered(torch.utils.data.Dataset):
-    """Validation clips that carry their row number in place of the (unused) loss
-    weight: under DDP each rank validates a share, padded with repeats to equal
-    shares, and the row numbers put the gathered shares back in order."""
-
-    def __init__(self, clips: CachedClips):
-        self.clips = clips
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, index: int):
-        view, target, _ = self.clips[index]
-        return view, target, torch.tensor(index)
-
-
-def _gather_valid_outputs(module: ClipClassifier, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and targets of all ``count`` validation clips, in table order, on
-    every rank (each rank scored only its share of them)."""
-    outputs = module._valid_outputs
-    local = tuple(torch.cat([o[k] for o in outputs]).numpy() for k in range(3))
-    shares = [local]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        shares = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shares, local)
-    probabilities = np.zeros((count, local[0].shape[1]), np.float32)
-    targets = np.zeros(count, np.int64)
-    seen = np.zeros(count, bool)
-    for share_probabilities, share_targets, rows in shares:
-        # Padding repeats a clip on another rank; its copies are equal, either one serves.
-        probabilities[rows], targets[rows], seen[rows] = share_probabilities, share_targets, True
-    if not seen.all():
-        raise RuntimeError(f"validation scored {int(seen.sum())} of {count} clips")
-    return probabilities, targets
-
-
-def _prepare_all(table: pd.DataFrame, cache, features: FeatureConfig, progress: bool):
-    """Prepare every clip before training. Under a launcher that starts several
-    processes (torchrun, srun), each first prepares its own shard, then whatever is
-    still missing: entries are renamed into place whole, so a clip done twice is only
-    wasted work, and every process returns with the whole cache; no barrier needed.
-    (Lightning's own launcher starts its processes after this ran in the first.)"""
-    cache = cache or DEFAULT_CACHE
-    rank, world = _launch_rank()
-    workers = None
-    if world > 1:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        workers = max(1, (os.cpu_count() or 1) // local)
-        prepare(table, cache, features, workers, shard=(rank, world), progress=False)
-    return prepare(table, cache, features, workers, progress=progress and is_global_zero())
-
-
-def _setup(clips, out, valid, features, model, config, cache, pretrained, progress) -> _Run:
+def _data(clips: pd.DataFrame, out: Path, config: TrainConfig, **options) -> ClipDataModule:
+    """The run's data module (``options``: :class:`ClipDataModule`'s), seeded and set
+    up: the network needs its labels and crop length."""
     out.mkdir(parents=True, exist_ok=True)
-    # Reading crops from memory-mapped features is cheap: extra loader processes would
-    # only take cores from the model, so Lightning's advice to add some is silenced.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     L.seed_everything(config.seed, workers=True, verbose=False)
-    if valid is None:
-        clips, valid = holdout(clips, 0.2, config.seed)
-    feature_cache, report = _prepare_all(pd.concat([clips, valid]), cache, features, progress)
-    if is_global_zero():
-        report.write_failures(out / "failures.csv")
-    if report.failed:
-        warnings.warn(
-            f"{report.failed} clips could not be decoded and are left out "
-            f"(see {out / 'failures.csv'})",
-            stacklevel=3,
-        )
-    clips = _cached_subset(clips, feature_cache)
-    valid = _cached_subset(valid, feature_cache)
-    labels = sorted(clips["label"].dropna().unique())
-    unseen = ~valid["label"].isin(labels)
-    if unseen.any():
-        warnings.warn(
-            f"{int(unseen.sum())} validation clips have labels absent from training "
-            "and are left out",
-            stacklevel=3,
-        )
-        valid = valid[~unseen].reset_index(drop=True)
-    index = {label: i for i, label in enumerate(labels)}
+    data = ClipDataModule(clips, out=out, config=config, **options)
+    data.prepare_data()
+    data.setup("fit")
+    return data
 
-    frames = np.array([feature_cache.load(p).shape[1] for p in clips["path"]])
-    model = resolve_crop(model, frames * features.hop_length / features.sample_rate)
-    view = ClipView.for_model(model, features)
-    weights = np.where(clips["verified"].fillna(True).to_numpy(bool), 1.0, config.unverified_weight)
-    train_set = CachedClips(
-        feature_cache, clips["path"], clips["label"].map(index), view, True, weights
-    )
-    valid_set = _Numbered(
-        CachedClips(feature_cache, valid["path"], valid["label"].map(index), view, False)
-    )
-    sampler = None
-    if config.balanced:
-        counts = clips["label"].map(clips["label"].value_counts()).to_numpy()
-        sampler = torch.utils.data.WeightedRandomSampler(1.0 / counts, len(counts))
-    loader_args = {
-        "num_workers": config.num_workers,
-        "persistent_workers": config.num_workers > 0,
-        "pin_memory": torch.cuda.is_available(),
-    }
-    train_loader = torch.utils.data.DataLoader(
-        train_set,
-        config.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(train_set) > config.batch_size,
-        **loader_args,
-    )
-    valid_loader = torch.utils.data.DataLoader(
-        valid_set, max(1, config.batch_size // 4), collate_fn=collate_windows, **loader_args
-    )
-    net = SoundNet(model, len(labels), features.floor_db, pretrained=pretrained)
-    module = ClipClassifier(net, config, len(labels), features.floor_db)
-    return _Run(module, train_loader, valid_loader, valid, labels, model, report.failures)
+
+def _classifier(data: ClipDataModule, pretrained: bool) -> ClipClassifier:
+    floor = data.features.floor_db
+    net = SoundNet(data.model, len(data.labels), floor, pretrained=pretrained)
+    return ClipClassifier(net, data.config, len(data.labels), floor)
 
 
 @flush_denormals()
@@ -546,26 +384,30 @@ def train(
     progress: bool = True,
     devices="auto",
     num_nodes: int = 1,
+    force: bool = False,
 ) -> TrainResult:
     """Fine-tune a backbone on labelled clips and write ``out/model.safetensors``.
 
     Parameters
     ----------
     clips : DataFrame
-        Training clips (:func:`soundsight.load_dataset`).
+        Training clips (:func:`soundsight.load_dataset`); labels are strings.
     out : path
-        Run folder: model file, per-epoch ``history.csv``, ``metrics.json``,
-        checkpoints (for ``resume``), ``failures.csv``.
+        Run folder: model file, per-epoch ``history.csv``, ``metrics.json`` and the
+        other scores (:func:`soundsight.evaluation.write_metrics`), checkpoints (for
+        ``resume``), ``failures.csv``, ``clips.csv`` (what the run trained on).
     valid : DataFrame, optional
         Validation clips; default: a stratified (and grouped, where the dataset has
         groups) 20% of ``clips``.
     features, model, config : FeatureConfig, ModelConfig, TrainConfig
         Feature parameters, network and input encoding, and recipe.
     cache : path, optional
-        Feature cache folder (default :data:`DEFAULT_CACHE`); missing clips are
-        prepared first, clips that fail to decode are reported and left out.
+        Feature cache folder (default :data:`soundsight.cache.DEFAULT_CACHE`); missing
+        clips are prepared first. Clips that fail to decode, and clips whose file is
+        edited or deleted during the run, are reported and left out.
     resume : bool
-        Continue from the last checkpoint in ``out``.
+        Continue from the last checkpoint in ``out``; refused (``DatasetError``,
+        naming the clips) when the data set changed since the run started.
     pretrained : bool
         False trains the backbone from random weights (for comparison).
     lr_find : bool
@@ -576,60 +418,107 @@ def train(
         SLURM) train with DDP: ``config.batch_size`` is per process, every process
         runs this function, and only rank 0 writes the run's files; the validation
         scores cover all clips, gathered from every rank.
+    force : bool
+        With ``resume``: continue even on a changed data set.
     """
     features = features or FeatureConfig()
     config = config or TrainConfig()
     out = Path(out)
     if lr_find and distribution(devices, num_nodes)[2] == "ddp":
         raise ConfigError("--lr auto runs in one process: run lr-find first, then train with --lr")
-    run = _setup(
-        clips, out, valid, features, model or ModelConfig(), config, cache, pretrained, progress
+    resuming = resume and any(_checkpoint(out, stage).exists() for stage in (1, 2))
+    data = _data(
+        clips,
+        out,
+        config,
+        valid=valid,
+        features=features,
+        model=model or ModelConfig(),
+        cache=cache,
+        resume=resuming,
+        force=force,
+        progress=progress,
     )
-    module = run.module
+    module = _classifier(data, pretrained)
     if lr_find:
-        module.lr = find_learning_rate(module, run.train_loader, out / "lr_find.png", progress)
-        scale = module.lr / config.lr
-        config = replace(
-            config,
-            lr=module.lr,
-            body_lr=config.body_lr * scale,
-            stage2_lr=None if config.stage2_lr is None else config.stage2_lr * scale,
-        )
-        module.config = config
-        if progress:
-            print(
-                f"learning rate from the LR finder: {module.lr:.2e} (plot: {out / 'lr_find.png'})"
-            )
+        _use_found_rate(module, data, out / "lr_find.png", progress)
+    trainer = _fit_stages(
+        module, data, out, resume=resuming, progress=progress, devices=devices, num_nodes=num_nodes
+    )
+    return _validate_and_save(trainer, module, data, out)
 
-    table = EpochTable(out / "history.csv", quiet=not progress)
-    last = {stage: out / "checkpoints" / f"stage{stage}" / "last.ckpt" for stage in (1, 2)}
-    for stage, epochs in ((1, config.stage1_epochs), (2, config.stage2_epochs)):
-        if epochs <= 0 or (resume and stage == 1 and last[2].exists()):
-            continue
-        module.set_stage(stage)
-        trainer = _trainer(out, stage, epochs, table, progress, devices, num_nodes)
-        ckpt = last[stage] if resume and last[stage].exists() else None
-        trainer.fit(module, run.train_loader, run.valid_loader, ckpt_path=ckpt)
-    module.set_stage(2)
 
-    trainer.validate(module, run.valid_loader, verbose=False)
-    probabilities, targets = _gather_valid_outputs(module, len(run.valid))
-    metrics = score(probabilities, targets, run.labels)
+def _validate_and_save(
+    trainer: L.Trainer, module: ClipClassifier, data: ClipDataModule, out: Path
+) -> TrainResult:
+    """Score the trained network on every validation clip; rank 0 writes the model
+    file and the scores."""
+    trainer.validate(module, datamodule=data, verbose=False)
+    valid_clips = data.valid
+    probabilities, targets = module.validation_results(len(valid_clips))
+    metrics = score(probabilities, targets, data.labels)
     model_path = out / "model.safetensors"
     if trainer.is_global_zero:
         save_model_file(
             model_path,
             module.net,
             ModelSpec(
-                labels=tuple(run.labels),
-                features=features,
-                model=run.model,
-                train=config_to_dict(config),
+                labels=tuple(data.labels),
+                features=data.features,
+                model=data.model,
+                train=config_to_dict(module.config),
                 metrics={k: metrics[k] for k in SUMMARY},
             ),
         )
-        write_metrics(out, metrics, run.labels, run.valid["path"].tolist(), probabilities, targets)
-    return TrainResult(model_path, metrics, read_history(out / "history.csv"), run.failures)
+        paths = valid_clips["path"].tolist()
+        write_metrics(out, metrics, data.labels, paths, probabilities, targets)
+    return TrainResult(model_path, metrics, read_history(out / "history.csv"), data.failures)
+
+
+def _use_found_rate(
+    module: ClipClassifier, data: ClipDataModule, plot_path: Path, progress: bool
+) -> None:
+    """Set the head's rate from the LR finder, every other rate in proportion."""
+    config = module.config
+    module.lr = find_learning_rate(module, data, plot_path, progress)
+    scale = module.lr / config.lr
+    module.config = replace(
+        config,
+        lr=module.lr,
+        body_lr=config.body_lr * scale,
+        stage2_lr=None if config.stage2_lr is None else config.stage2_lr * scale,
+    )
+    if progress:
+        print(f"learning rate from the LR finder: {module.lr:.2e} (plot: {plot_path})")
+
+
+def _fit_stages(
+    module: ClipClassifier,
+    data: ClipDataModule,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    devices,
+    num_nodes: int,
+) -> L.Trainer:
+    """Stage 1 (body frozen) then stage 2, each from its checkpoint when resuming; the
+    last stage's Trainer is returned, the network left in stage 2."""
+    table = EpochTable(out / "history.csv", quiet=not progress)
+    config = module.config
+    trainer = None
+    for stage, epochs in ((1, config.stage1_epochs), (2, config.stage2_epochs)):
+        if epochs <= 0 or (resume and stage == 1 and _checkpoint(out, 2).exists()):
+            continue
+        module.set_stage(stage)
+        trainer = _trainer(
+            out, stage, epochs, table=table, progress=progress, devices=devices, num_nodes=num_nodes
+        )
+        last = _checkpoint(out, stage)
+        trainer.fit(module, datamodule=data, ckpt_path=last if resume and last.exists() else None)
+    module.set_stage(2)
+    assert trainer is not None  # TrainConfig has at least one epoch
+    return trainer
 
 
 @flush_denormals()
@@ -644,36 +533,25 @@ def lr_find(
 ) -> float:
     """Run the LR range test alone: saves ``out/lr_find.png``, returns the suggestion."""
     out = Path(out)
-    run = _setup(
+    features, model = features or FeatureConfig(), model or ModelConfig()
+    data = _data(
         clips,
         out,
-        None,
-        features or FeatureConfig(),
-        model or ModelConfig(),
         config or TrainConfig(),
-        cache,
-        True,
-        progress,
+        features=features,
+        model=model,
+        cache=cache,
+        progress=progress,
     )
-    return find_learning_rate(run.module, run.train_loader, out / "lr_find.png", progress)
+    return find_learning_rate(_classifier(data, True), data, out / "lr_find.png", progress)
 
 
-def write_metrics(out: Path, metrics: dict, labels, paths, probabilities, targets) -> None:
-    """metrics.json, per-class and confusion CSVs, and per-clip validation predictions."""
-    summary = {k: metrics[k] for k in SUMMARY}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    metrics["per_class"].to_csv(out / "per_class.csv", index=False)
-    pd.DataFrame(metrics["confusion"], index=labels, columns=labels).to_csv(out / "confusion.csv")
-    metrics["most_confused"].to_csv(out / "most_confused.csv", index=False)
-    frame = pd.DataFrame(probabilities, columns=labels)
-    frame.insert(0, "label", [labels[t] for t in targets])
-    frame.insert(0, "path", paths)
-    frame.to_csv(out / "valid_predictions.csv", index=False)
-
-
-def find_learning_rate(module: ClipClassifier, loader, plot_path: Path, progress: bool) -> float:
+def find_learning_rate(
+    module: ClipClassifier, data: ClipDataModule, plot_path: Path, progress: bool
+) -> float:
     """Lightning's LR range test on the unfrozen network; saves the loss-vs-lr plot
-    (suggestion marked) and returns the suggested head learning rate."""
+    (suggestion marked) and its points (``lr_find.csv``), and returns the suggested
+    head learning rate."""
     from lightning.pytorch.tuner import Tuner
 
     module.set_stage(2)
@@ -686,6 +564,7 @@ def find_learning_rate(module: ClipClassifier, loader, plot_path: Path, progress
         enable_model_summary=False,
         default_root_dir=plot_path.parent,
     )
+    loader = data.train_dataloader()  # training batches only: no validation in the test
     finder = Tuner(trainer).lr_find(
         module,
         train_dataloaders=loader,
@@ -694,9 +573,11 @@ def find_learning_rate(module: ClipClassifier, loader, plot_path: Path, progress
         num_training=min(100, 3 * len(loader)),
         update_attr=False,
     )
+    if finder is None:  # Lightning skips the test under fast_dev_run
+        raise RuntimeError("the LR finder did not run")
     suggestion = finder.suggestion()
     results = pd.DataFrame(finder.results)
-    results.assign(suggestion=suggestion).to_csv(plot_path.with_suffix(".csv"), index=False)
+    write_csv(results.assign(suggestion=suggestion), plot_path.with_suffix(".csv"))
     figure = plot_lr_find(results["lr"], results["loss"], suggestion)
     figure.savefig(plot_path, dpi=120)
     if suggestion is None or not math.isfinite(suggestion):
@@ -725,8 +606,10 @@ def cross_validate(
     """Train and score one model per fold (:func:`soundsight.evaluation.make_folds`:
     stratified, grouped where the dataset has groups); ``out/fold{k}`` holds each run
     and ``out/cv.json`` the per-fold scores with their mean and standard deviation.
-    Under DDP every process draws the same seeded folds, and Lightning's distributed
-    sampler shards each fold's training and validation clips across the ranks."""
+    ``train_options`` go to :func:`train` (``pretrained``, ``devices``, ``resume``,
+    ``force``...). Under DDP every process draws the same seeded folds, and
+    Lightning's distributed sampler shards each fold's training and validation clips
+    across the ranks."""
     out = Path(out)
     config = config or TrainConfig()
     folds = make_folds(clips, n_folds, config.seed)
@@ -755,6 +638,5 @@ def cross_validate(
     mean = frame[list(SUMMARY)].mean().to_dict()
     std = frame[list(SUMMARY)].std(ddof=0).to_dict()
     if is_global_zero():
-        summary = {"folds": rows, "mean": mean, "std": std}
-        (out / "cv.json").write_text(json.dumps(summary, indent=2))
+        write_json(out / "cv.json", {"folds": rows, "mean": mean, "std": std})
     return CVResult(rows, mean, std)

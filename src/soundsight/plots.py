@@ -30,6 +30,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import schedule
 from .errors import ConfigError
 from .features import FeatureConfig, colorize
 
@@ -90,29 +91,6 @@ def steps_per_epoch(train_clips: int, batch_size: int) -> int:
     return train_clips // batch_size
 
 
-def one_cycle(peaks: Sequence[float], total_steps: int) -> np.ndarray:
-    """Learning rate of each parameter group at each optimiser step ``(steps, groups)``,
-    from torch's own :class:`~torch.optim.lr_scheduler.OneCycleLR` with the settings of
-    ``ClipClassifier.configure_optimizers`` (``pct_start=0.25``, torch's defaults)."""
-    import torch
-
-    total_steps = max(1, int(total_steps))
-    parameters = [torch.nn.Parameter(torch.zeros(1)) for _ in peaks]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p], "lr": peak} for p, peak in zip(parameters, peaks, strict=True)]
-    )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=list(peaks), total_steps=total_steps, pct_start=0.25
-    )
-    rates = np.empty((total_steps, len(peaks)))
-    for step in range(total_steps):
-        rates[step] = [group["lr"] for group in optimizer.param_groups]
-        optimizer.step()
-        if step + 1 < total_steps:  # one more step past the last raises in torch
-            schedule.step()
-    return rates
-
-
 def lr_schedule(train: Mapping, steps: int | Mapping[int, int]) -> pd.DataFrame:
     """The learning rates a run trained with, step by step.
 
@@ -139,7 +117,7 @@ def lr_schedule(train: Mapping, steps: int | Mapping[int, int]) -> pd.DataFrame:
         head = train.get("stage2_lr") if stage == 2 else None  # None: the stage-1 rate
         peaks = [train["lr"] if head is None else head]
         peaks += [train["body_lr"]] if stage == 2 else []
-        rates = one_cycle(peaks, epochs * per_epoch)
+        rates = schedule.one_cycle(peaks, epochs * per_epoch)
         index = np.arange(len(rates))
         frames.append(
             pd.DataFrame(

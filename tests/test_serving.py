@@ -33,6 +33,8 @@ from soundsight.prediction import Classifier
 from soundsight.serving import ServeConfig, create_app, is_loopback, sniff_audio
 
 REPO = Path(__file__).resolve().parents[1]
+#: Base URL of in-process clients: a loopback name, as the app accepts by default.
+LOCAL = "http://127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +62,13 @@ def one_torch_thread(tiny_model):
 
 @pytest.fixture(scope="module")
 def client(classifier: Classifier):
-    with TestClient(create_app(classifier, ServeConfig(workers=2, queue_size=4))) as client:
+    app = create_app(classifier, ServeConfig(workers=2, queue_size=4))
+    with TestClient(app, base_url=LOCAL) as client:
         yield client
 
 
 def make_client(classifier, **settings) -> TestClient:
-    return TestClient(create_app(classifier, ServeConfig(**settings)))
+    return TestClient(create_app(classifier, ServeConfig(**settings)), base_url=LOCAL)
 
 
 def upload(client: TestClient, path: Path, params: dict | None = None, name: str | None = None):
@@ -322,7 +325,7 @@ def test_full_queue_answers_503_and_admits_no_more(classifier, fsdd_clips):
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as http:
 
             async def post():
                 return await http.post("/predict", content=clip, params={"filename": "c.wav"})
@@ -358,7 +361,7 @@ def test_abandoned_request_keeps_its_slot_until_its_job_ends(classifier, fsdd_cl
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as http:
 
             async def pending() -> int:
                 return (await http.get("/health")).json()["pending"]
@@ -444,7 +447,11 @@ def test_openapi_and_offline_docs(client):
 def api_schema(classifier):
     import schemathesis
 
-    app = create_app(classifier, ServeConfig(workers=2, queue_size=8, max_upload_bytes=200_000))
+    # schemathesis calls an ASGI app with the Host 'testserver'.
+    settings = ServeConfig(
+        workers=2, queue_size=8, max_upload_bytes=200_000, allowed_hosts=("testserver",)
+    )
+    app = create_app(classifier, settings)
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -435,12 +435,13 @@ def test_openapi_and_offline_docs(client):
     assert {"200", "413", "415", "422", "503"} <= set(predict["responses"])
     assert {"/labels", "/health"} <= set(schema["paths"])
     assert "/" not in schema["paths"]
-    docs = client.get("/docs")
-    assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
-    assets = re.findall(r"""(?:src|href)=["']?([^"' >]+)""", docs.text)
-    assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
-    for asset in assets:
-        assert client.get(asset).status_code == 200, asset
+    for page, script in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        docs = client.get(page)
+        assert docs.status_code == 200 and script in docs.text
+        assets = re.findall(r"""(?:src|href)=["']?([^"' >]+)""", docs.text)
+        assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets)
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
 
 
 @pytest.fixture(scope="module")
@@ -634,6 +635,31 @@ def test_page_in_chromium_shows_label_spectrogram_and_plays(
     origins = {re.match(r"^([a-z]+:(?://[^/]+)?)", url).group(1) for url in requests}
     assert origins <= {base, "data:", "blob:"}, f"page fetched from elsewhere: {origins}"
     assert not [e for e in console_errors if "notes.txt" not in e and "415" not in e]
+
+
+def test_docs_render_offline_in_chromium_under_the_csp(chromium, live_server):
+    """Swagger UI and ReDoc, served by fastapi-offline, draw the API under the app's
+    Content-Security-Policy: no violation, nothing fetched from elsewhere."""
+    base, _ = live_server
+    page = chromium.new_page()
+    page.set_default_timeout(60_000)
+    requests, problems = [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.add_init_script(
+        "document.addEventListener('securitypolicyviolation', e =>"
+        " console.error('CSP violation: ' + e.violatedDirective + ' ' + e.blockedURI))"
+    )
+    response = page.goto(f"{base}/docs")
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    page.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/predict']")
+    assert "soundsight" in page.inner_text(".swagger-ui .info .title")
+    page.goto(f"{base}/redoc")
+    page.wait_for_selector("redoc [data-section-id]")
+    assert "Label an audio clip" in page.inner_text("redoc")
+    origins = {re.match(r"^([a-z]+:(?://[^/]+)?)", url).group(1) for url in requests}
+    assert origins <= {base, "data:", "blob:"}, f"docs fetched from elsewhere: {origins}"
+    assert not problems, problems
 
 
 def _check_page(page, name: str, expected: dict) -> None:

@@ -33,6 +33,8 @@ from soundsight.prediction import Classifier
 from soundsight.serving import ServeConfig, create_app, is_loopback, sniff_audio
 
 REPO = Path(__file__).resolve().parents[1]
+#: Base URL of in-process clients: a loopback name, as the app accepts by default.
+LOCAL = "http://127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +62,13 @@ def one_torch_thread(tiny_model):
 
 @pytest.fixture(scope="module")
 def client(classifier: Classifier):
-    with TestClient(create_app(classifier, ServeConfig(workers=2, queue_size=4))) as client:
+    app = create_app(classifier, ServeConfig(workers=2, queue_size=4))
+    with TestClient(app, base_url=LOCAL) as client:
         yield client
 
 
 def make_client(classifier, **settings) -> TestClient:
-    return TestClient(create_app(classifier, ServeConfig(**settings)))
+    return TestClient(create_app(classifier, ServeConfig(**settings)), base_url=LOCAL)
 
 
 def upload(client: TestClient, path: Path, params: dict | None = None, name: str | None = None):
@@ -322,7 +325,7 @@ def test_full_queue_answers_503_and_admits_no_more(classifier, fsdd_clips):
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as http:
 
             async def post():
                 return await http.post("/predict", content=clip, params={"filename": "c.wav"})
@@ -358,7 +361,7 @@ def test_abandoned_request_keeps_its_slot_until_its_job_ends(classifier, fsdd_cl
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as http:
 
             async def pending() -> int:
                 return (await http.get("/health")).json()["pending"]
@@ -432,19 +435,24 @@ def test_openapi_and_offline_docs(client):
     assert {"200", "413", "415", "422", "503"} <= set(predict["responses"])
     assert {"/labels", "/health"} <= set(schema["paths"])
     assert "/" not in schema["paths"]
-    docs = client.get("/docs")
-    assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
-    assets = re.findall(r"""(?:src|href)=["']?([^"' >]+)""", docs.text)
-    assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
-    for asset in assets:
-        assert client.get(asset).status_code == 200, asset
+    for page, script in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        docs = client.get(page)
+        assert docs.status_code == 200 and script in docs.text
+        assets = re.findall(r"""(?:src|href)=["']?([^"' >]+)""", docs.text)
+        assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets)
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
 
 
 @pytest.fixture(scope="module")
 def api_schema(classifier):
     import schemathesis
 
-    app = create_app(classifier, ServeConfig(workers=2, queue_size=8, max_upload_bytes=200_000))
+    # schemathesis calls an ASGI app with the Host 'testserver'.
+    settings = ServeConfig(
+        workers=2, queue_size=8, max_upload_bytes=200_000, allowed_hosts=("testserver",)
+    )
+    app = create_app(classifier, settings)
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
@@ -627,6 +635,31 @@ def test_page_in_chromium_shows_label_spectrogram_and_plays(
     origins = {re.match(r"^([a-z]+:(?://[^/]+)?)", url).group(1) for url in requests}
     assert origins <= {base, "data:", "blob:"}, f"page fetched from elsewhere: {origins}"
     assert not [e for e in console_errors if "notes.txt" not in e and "415" not in e]
+
+
+def test_docs_render_offline_in_chromium_under_the_csp(chromium, live_server):
+    """Swagger UI and ReDoc, served by fastapi-offline, draw the API under the app's
+    Content-Security-Policy: no violation, nothing fetched from elsewhere."""
+    base, _ = live_server
+    page = chromium.new_page()
+    page.set_default_timeout(60_000)
+    requests, problems = [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.add_init_script(
+        "document.addEventListener('securitypolicyviolation', e =>"
+        " console.error('CSP violation: ' + e.violatedDirective + ' ' + e.blockedURI))"
+    )
+    response = page.goto(f"{base}/docs")
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    page.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/predict']")
+    assert "soundsight" in page.inner_text(".swagger-ui .info .title")
+    page.goto(f"{base}/redoc")
+    page.wait_for_selector("redoc [data-section-id]")
+    assert "Label an audio clip" in page.inner_text("redoc")
+    origins = {re.match(r"^([a-z]+:(?://[^/]+)?)", url).group(1) for url in requests}
+    assert origins <= {base, "data:", "blob:"}, f"docs fetched from elsewhere: {origins}"
+    assert not problems, problems
 
 
 def _check_page(page, name: str, expected: dict) -> None:

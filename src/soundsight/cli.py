@@ -423,6 +423,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         top_k=args.top_k,
         torch_threads=args.torch_threads or None,
+        allowed_hosts=args.allowed_host,
     )
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file not found: {args.model}")
@@ -563,6 +564,12 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="torch threads per inference (default 1; 0 = torch's default)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        help="Host header value to accept, repeatable ('*.example.com', '*' for any); "
+        "default: the loopback names and the --host address",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
 

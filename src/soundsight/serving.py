@@ -4,14 +4,23 @@
 file once and runs the app under uvicorn (``soundsight serve MODEL``).
 
 Endpoints: ``POST /predict`` (multipart upload in field ``file``, or the raw audio as the
-request body), ``GET /labels``, ``GET /health``, the OpenAPI docs at ``/docs`` and the
-page at ``/`` (a single HTML file with its script inline: nothing is fetched from
-elsewhere, so it works offline).
+request body), ``GET /labels``, ``GET /health``, the OpenAPI docs at ``/docs`` and
+``/redoc`` (Swagger UI and ReDoc served from this app by fastapi-offline) and the page at
+``/`` (a single HTML file with its script inline: nothing is fetched from elsewhere, so
+it works offline).
 
-Resources stay bounded: a request is admitted to the queue *before* its body is read,
-and refused with 503 when ``workers + queue_size`` requests are already admitted, so at
-most that many uploads (each at most ``max_upload_bytes``, 413 past it) are held at once.
-Decoding and inference run off the event loop in a fixed pool of ``workers`` threads.
+Resources stay bounded, and slow clients cannot starve the others:
+
+- a request's whole body (at most ``max_upload_bytes``, 413 past it) is read *before*
+  it asks for an inference slot, under a deadline (``body_timeout``) and an idle limit
+  (``body_idle_timeout``), both answered 408; a connection must finish each request's
+  headers within ``header_timeout`` or is closed; uvicorn holds at most
+  ``max_connections`` connections;
+- the bytes held by all uploads at once (being received, waiting or being analysed)
+  are capped at :attr:`ServeConfig.upload_memory_bytes`, and at most ``workers +
+  queue_size`` requests are admitted to the inference queue: past either, 503 with
+  ``Retry-After``;
+- decoding and inference run off the event loop in a fixed pool of ``workers`` threads.
 
 Requests are scored one clip at a time, not batched across requests: a clip is already
 a batch of sliding windows (10 for 5 s), and batching 2-8 clips together measured no
@@ -20,27 +29,36 @@ lower CPU time per clip on this project's 2-core CPU machines.
 
 import asyncio
 import base64
+import ctypes
 import io
 import ipaddress
 import os
+import re
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import h11
 import numpy as np
 import soundfile as sf
+import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
+from starlette.datastructures import MutableHeaders
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .audio import AudioError, decode_bytes
 from .errors import ConfigError
@@ -52,6 +70,8 @@ MULTIPART_OVERHEAD = 64 * 1024
 #: Name of the multipart field that holds the upload.
 UPLOAD_FIELD = "file"
 STATIC = resources.files("soundsight") / "static"
+#: What Starlette's TrustedHostMiddleware accepts as an allowed host (it only asserts).
+HOST_PATTERN = re.compile(r"\*|(\*\.)?[^*\s/]+")
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,23 @@ class ServeConfig:
         (None leaves torch's default). One per worker thread avoids oversubscribing the
         cores: with two workers on two busy cores, torch's own pool of 2 made each
         inference ~40x slower here than 1 thread did.
+    header_timeout : float
+        Seconds a connection has to send a request's headers, from its first byte (or
+        from opening, for its first request); past it the connection is closed.
+    body_idle_timeout : float
+        Seconds without a byte of the body after which the request is answered 408.
+    body_timeout : float
+        Seconds the whole body may take to arrive (408 past it), however it trickles:
+        20 MB in 60 s needs about 330 kB/s.
+    keep_alive_timeout : float
+        Seconds an idle keep-alive connection is kept open (uvicorn's).
+    max_connections : int
+        Connections held at once (uvicorn's ``limit_concurrency``: more get 503 before
+        any of the app runs). Must exceed ``workers + queue_size``.
+    allowed_hosts : tuple of str or None
+        Host header values accepted (400 otherwise; ``"*.example.com"`` matches
+        subdomains, ``"*"`` anything). None: the loopback names, plus the bound address
+        when :func:`serve` binds a specific non-loopback one.
     """
 
     max_upload_bytes: int = 20_000_000
@@ -83,6 +120,12 @@ class ServeConfig:
     queue_size: int = 16
     top_k: int = 5
     torch_threads: int | None = 1
+    header_timeout: float = 10.0
+    body_idle_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 512
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.max_upload_bytes <= 0 or self.max_duration <= 0:
@@ -91,11 +134,43 @@ class ServeConfig:
             raise ConfigError(f"need workers >= 1, queue_size >= 0, top_k >= 1: {self}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"torch_threads must be at least 1: {self}")
+        for name in ("header_timeout", "body_idle_timeout", "body_timeout", "keep_alive_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value < float("inf"):
+                raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.body_idle_timeout > self.body_timeout:
+            raise ConfigError(
+                f"body_idle_timeout ({self.body_idle_timeout:g} s) cannot exceed "
+                f"body_timeout ({self.body_timeout:g} s)"
+            )
+        if self.max_connections <= self.capacity:
+            raise ConfigError(
+                f"max_connections ({self.max_connections}) must exceed workers + queue_size "
+                f"({self.capacity}), or uvicorn refuses requests the queue would take"
+            )
+        if self.allowed_hosts is not None:
+            if isinstance(self.allowed_hosts, str):
+                raise ConfigError(
+                    f"allowed_hosts must be a list of names, not the string {self.allowed_hosts!r}"
+                )
+            hosts = tuple(self.allowed_hosts)
+            for host in hosts:
+                if not isinstance(host, str) or not HOST_PATTERN.fullmatch(host):
+                    raise ConfigError(
+                        f"allowed_hosts: {host!r} is not a host name, '*.domain' or '*'"
+                    )
+            object.__setattr__(self, "allowed_hosts", hosts)
 
     @property
     def capacity(self) -> int:
         """Requests admitted at once (running plus waiting)."""
         return self.workers + self.queue_size
+
+    @property
+    def upload_memory_bytes(self) -> int:
+        """Body bytes held by all requests at once: as many full uploads as the queue
+        admits, whether they are still arriving, waiting or being analysed."""
+        return self.capacity * (self.max_upload_bytes + MULTIPART_OVERHEAD)
 
 
 class Prediction(BaseModel):
@@ -228,6 +303,42 @@ class _Analyser:
         result["processing_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return result
 
+    def queued(
+        self, queued: float, data: bytes, name: str, top_k: int, image: bool
+    ) -> tuple[dict[str, Any], float]:
+        """The job a worker runs: the analysis and the ms it waited since ``queued``."""
+        waited = (time.perf_counter() - queued) * 1000
+        return self(data, name, top_k, image), waited
+
+
+#: glibc's ``mallopt`` parameter for the mmap threshold (``M_MMAP_THRESHOLD``, malloc.h).
+_M_MMAP_THRESHOLD = -3
+#: Buffers from this size up get pages of their own, unmapped as soon as they are freed.
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def unmap_large_buffers() -> bool:
+    """Make glibc give every buffer of :data:`MMAP_THRESHOLD_BYTES` or more back to the
+    system when it is freed; process-wide, set by :func:`serve`. False where the C
+    library is not glibc (nothing is changed there).
+
+    Why by hand: glibc raises its mmap threshold to the size of the largest mapped
+    buffer freed so far (up to 32 MB), so after the first 20 MB upload every later
+    upload, decoded clip and spectrogram of up to that size is carved from the threads'
+    heaps instead, and those heaps keep what was freed in them. Measured with
+    ``benchmarks/bench_hostile_serve.py`` (10 bursts of 8 concurrent 19.8 MB uploads),
+    the server's RSS grew by 142-148 MB from the first burst to the tenth and kept
+    rising; calling ``malloc_trim`` before each job did not help (+144 MB); a fixed
+    threshold (this) gave +0.6 MB, and 110 MB less RSS overall. Python exposes no
+    ``mallopt``; the ``MALLOC_MMAP_THRESHOLD_`` variable only works if set before the
+    process starts.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
 
 class _WorkerPool:
     """The inference threads, started on first use and stopped at shutdown; an app
@@ -238,13 +349,13 @@ class _WorkerPool:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     self.workers, thread_name_prefix="soundsight-infer", initializer=_init_worker
                 )
-            return self._pool.submit(fn)
+            return self._pool.submit(fn, *args)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -274,21 +385,94 @@ def _audio_error(err: AudioError, data: bytes, name: str) -> ApiError:
     return ApiError(422, "invalid_audio", f"{name}: {what}: {err.reason}", name)
 
 
-def _capped(receive: Callable[[], Awaitable[dict]], limit: int, name: str | None):
-    """``receive`` that answers 413 once more than ``limit`` body bytes have come in, so
-    an upload without (or lying about) Content-Length cannot fill memory."""
-    seen = 0
+#: Request body types (and multipart part types) that may hold audio. No type at all is
+#: taken as raw audio too; anything else is refused (415) before its body is read, so a
+#: text or form body is never handed to the decoder.
+AUDIO_MEDIA_TYPES = ("application/octet-stream", "application/ogg")
+MULTIPART = "multipart/form-data"
 
-    async def capped_receive() -> dict:
-        nonlocal seen
-        message = await receive()
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+def _is_audio_type(media_type: str) -> bool:
+    return not media_type or media_type.startswith("audio/") or media_type in AUDIO_MEDIA_TYPES
+
+
+def _check_body_type(media_type: str, filename: str | None) -> None:
+    if media_type != MULTIPART and not _is_audio_type(media_type):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"request body type '{media_type}' is not audio: send the file as "
+            f"multipart/form-data (field '{UPLOAD_FIELD}') or as the raw request body "
+            "(audio/* or application/octet-stream)",
+            filename,
+        )
+
+
+class _UploadMemory:
+    """Body bytes held by all requests, from their first byte until their analysis ends,
+    capped so that many concurrent uploads cannot fill memory. Used on the event loop
+    only (workers hand their releases to it)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise ApiError(
+                503,
+                "server_busy",
+                f"uploads already hold {self.held / 1e6:.1f} MB of the "
+                f"{self.limit / 1e6:g} MB the server buffers at once; retry",
+            )
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+class _BodyReader:
+    """``receive`` for one request that enforces the upload's size limit (413, also for
+    a body without or lying about Content-Length), the body deadlines (408) and the
+    upload memory cap (503), counting the bytes it lets in (``taken``)."""
+
+    def __init__(
+        self,
+        receive: Callable[[], Awaitable[dict]],
+        settings: ServeConfig,
+        memory: _UploadMemory,
+        budget: int,
+        name: str | None,
+    ):
+        self._receive, self.settings, self.memory = receive, settings, memory
+        self.budget, self.name, self.taken = budget, name, 0
+        self._deadline = time.monotonic() + settings.body_timeout
+
+    async def __call__(self) -> dict:
+        remaining = self._deadline - time.monotonic()
+        idle = self.settings.body_idle_timeout
+        try:
+            async with asyncio.timeout(max(0.0, min(idle, remaining))):
+                message = await self._receive()
+        except TimeoutError:
+            if remaining <= idle:
+                why = f"not complete within {self.settings.body_timeout:g} s"
+            else:
+                why = f"no data for {idle:g} s"
+            upload = self.name or "upload"
+            raise ApiError(
+                408, "request_timeout", f"{upload}: request body {why}", self.name
+            ) from None
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _too_large(limit, name)
+            size = len(message.get("body", b""))
+            if self.taken + size > self.budget:
+                raise _too_large(self.settings.max_upload_bytes, self.name)
+            self.memory.take(size)
+            self.taken += size
         return message
-
-    return capped_receive
 
 
 def _too_large(limit: int, name: str | None) -> ApiError:
@@ -300,26 +484,20 @@ def _too_large(limit: int, name: str | None) -> ApiError:
     )
 
 
-async def _read_upload(request: Request, limit: int, filename: str | None) -> tuple[bytes, str]:
-    """The uploaded file's bytes and name, from a multipart form or the raw body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    multipart = content_type == "multipart/form-data"
-    budget = limit + (MULTIPART_OVERHEAD if multipart else 0)
+async def _read_upload(
+    request: Request, media_type: str, reader: _BodyReader, filename: str | None
+) -> tuple[bytes, str]:
+    """The uploaded file's bytes and name, from a multipart form or the raw body, read
+    through ``reader``."""
+    limit = reader.settings.max_upload_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > budget:
+    if declared is not None and declared.isdigit() and int(declared) > reader.budget:
         raise _too_large(limit, filename)
-    capped = Request(request.scope, _capped(request.receive, budget, filename))
-    if content_type == "application/x-www-form-urlencoded":
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "send audio as multipart/form-data (field 'file') or as the raw request body",
-            filename,
-        )
-    if not multipart:
-        return await capped.body(), filename or "upload"
+    guarded = Request(request.scope, reader)
+    if media_type != MULTIPART:
+        return await guarded.body(), filename or "upload"
     try:
-        form = await capped.form(max_files=1, max_fields=8)
+        form = await guarded.form(max_files=1, max_fields=8)
     except ApiError:
         raise
     except Exception as err:  # starlette raises HTTPException/MultiPartException variants
@@ -333,6 +511,15 @@ async def _read_upload(request: Request, limit: int, filename: str | None) -> tu
                 422, "missing_file", f"multipart upload needs a file in field '{UPLOAD_FIELD}'"
             )
         name = filename or upload.filename or "upload"
+        part_type = _media_type(upload.content_type)
+        if not _is_audio_type(part_type):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"{name}: not an audio file (sent as '{part_type}'); "
+                "expected WAV, FLAC, OGG, MP3 or AIFF",
+                name,
+            )
         if upload.size is not None and upload.size > limit:
             raise _too_large(limit, name)
         return await upload.read(), name
@@ -360,22 +547,47 @@ PREDICT_BODY = {
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     meaning = {
+        408: "the request body did not arrive in time",
         413: "upload larger than the size limit",
-        415: "not an audio file, or an unsupported request body type",
+        415: "not an audio file, or a request body type that is not audio",
         422: "damaged or unusable audio, a malformed form, or invalid parameters",
-        503: "the request queue is full; retry later",
+        503: "the request queue or the upload memory is full; retry later",
     }
     return {c: {"model": ErrorResponse, "description": meaning[c]} for c in codes}
+
+
+#: Headers of error answers: when to retry an overload, and closing the connection
+#: after an answer given before the whole body was read (uvicorn would otherwise go on
+#: reading and discarding the rest of it, for as long as the client sends).
+ERROR_HEADERS = {
+    503: {"Retry-After": "1", "Connection": "close"},
+    **{status: {"Connection": "close"} for status in (408, 413, 415)},
+}
 
 
 def create_app(
     classifier: Classifier, settings: ServeConfig | None = None, model_name: str = "model"
 ) -> FastAPI:
-    """The HTTP app serving ``classifier`` (loaded once, shared by all requests);
-    ``model_name`` is what ``/health`` calls it."""
+    """The HTTP app serving ``classifier`` (loaded once, shared by all requests).
+
+    Parameters
+    ----------
+    classifier : Classifier
+        The model; its labels are what ``/labels`` lists.
+    settings : ServeConfig, optional
+        Limits; ``settings.allowed_hosts`` None accepts the loopback names only.
+    model_name : str
+        What ``/health`` calls the model.
+
+    Returns
+    -------
+    FastAPI
+        The app, with its docs served offline and security headers on every answer.
+    """
     settings = settings or ServeConfig()
     analyse = _Analyser(classifier, settings)
     pool = _WorkerPool(settings.workers)
+    memory = _UploadMemory(settings.upload_memory_bytes)
     started = time.monotonic()
     state = {"pending": 0}
     count = len(classifier.labels)
@@ -385,24 +597,23 @@ def create_app(
         yield
         pool.shutdown()
 
-    docs_assets = _docs_assets()
-    app = FastAPI(
+    # FastAPI's own doc pages load Swagger UI and ReDoc from a CDN; fastapi-offline
+    # serves the same files from this app.
+    app = FastAPIOffline(
         title="soundsight",
         summary="Label sounds with a CNN fine-tuned on log-mel spectrograms.",
         version=_version(),
         lifespan=lifespan,
-        # FastAPI's own doc pages load Swagger UI and ReDoc from a CDN; use local copies.
-        docs_url=None if docs_assets else "/docs",
-        redoc_url=None if docs_assets else "/redoc",
     )
-    if docs_assets:
-        _add_offline_docs(app, docs_assets)
     app.state.settings = settings
     app.state.classifier = classifier
+    # Added last, so outermost: refused hosts get the security headers too.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(_allowed_hosts(settings)))
+    app.add_middleware(SecurityHeadersMiddleware)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, err: ApiError):
-        headers = {"Retry-After": "1"} if err.status == 503 else None
+        headers = ERROR_HEADERS.get(err.status)
         return _error_response(err.status, err.error, err.detail, err.filename, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -412,12 +623,19 @@ def create_app(
         )
         return _error_response(422, "invalid_request", problems or "invalid request")
 
+    def queue_full() -> ApiError:
+        return ApiError(
+            503,
+            "queue_full",
+            f"{settings.capacity} requests are already being served or waiting; retry",
+        )
+
     @app.post(
         "/predict",
         response_model=PredictResponse,
         response_model_exclude_none=False,
         summary="Label an audio clip",
-        responses=_responses(413, 415, 422, 503),
+        responses=_responses(408, 413, 415, 422, 503),
         openapi_extra={"requestBody": PREDICT_BODY},
     )
     async def predict(
@@ -430,36 +648,39 @@ def create_app(
             str | None, Query(max_length=255, description="name of a raw-body upload")
         ] = None,
     ) -> dict[str, Any]:
-        # Admission before reading the body: a full queue costs no upload memory.
+        media_type = _media_type(request.headers.get("content-type"))
+        _check_body_type(media_type, filename)
+        # A full queue is refused before the body is read: the upload would be wasted.
         if state["pending"] >= settings.capacity:
-            raise ApiError(
-                503,
-                "queue_full",
-                f"{settings.capacity} requests are already being served or waiting; retry",
-            )
-        state["pending"] += 1
+            raise queue_full()
+        budget = settings.max_upload_bytes + (MULTIPART_OVERHEAD if media_type == MULTIPART else 0)
+        reader = _BodyReader(request.receive, settings, memory, budget, filename)
         loop = asyncio.get_running_loop()
 
-        def release() -> None:
+        def release() -> None:  # the job is done: its slot and its upload's bytes
             state["pending"] -= 1
+            memory.give(reader.taken)
 
         def release_from_worker(_future) -> None:
             # RuntimeError: the loop is gone (shutdown), nothing left to count.
             with suppress(RuntimeError):
                 loop.call_soon_threadsafe(release)
 
-        submitted = False
+        admitted = submitted = False
         try:
-            data, name = await _read_upload(request, settings.max_upload_bytes, filename)
-            queued = time.perf_counter()
+            # The whole body is read before the request takes a slot in the queue, so a
+            # slow client holds a connection (until its deadline), never a slot.
+            data, name = await _read_upload(request, media_type, reader, filename)
+            if state["pending"] >= settings.capacity:
+                raise queue_full()
+            state["pending"] += 1
+            admitted = True
             k = top_k or min(settings.top_k, count)
-
-            def job():
-                waited = (time.perf_counter() - queued) * 1000
-                return analyse(data, name, k, spectrogram), waited
-
-            future = pool.submit(job)
+            future = pool.submit(analyse.queued, time.perf_counter(), data, name, k, spectrogram)
             submitted = True
+            # The pool's work item holds the upload from now on, and drops it as soon as
+            # the job ends (in the worker), whenever this handler ends.
+            del data
             # The slot is freed when the job is done, not when this handler ends: a
             # client that disconnects must not free a slot its upload still occupies in
             # the pool. (A job that has not started is cancelled along with the handler.)
@@ -469,7 +690,8 @@ def create_app(
             return result
         finally:
             if not submitted:
-                release()
+                memory.give(reader.taken)
+                state["pending"] -= admitted
 
     @app.get("/labels", response_model=LabelsResponse, summary="The labels the model knows")
     async def labels() -> dict[str, Any]:
@@ -489,63 +711,71 @@ def create_app(
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(
-            (STATIC / "index.html").read_text(encoding="utf-8"),
-            headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY},
-        )
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
 
 
-#: The page may load nothing from anywhere but this app (images and audio also come
-#: from data: and blob: URLs it makes itself): it must work offline.
+#: Every answer may load nothing from anywhere but this app (the page's images and
+#: audio also come from data: and blob: URLs it makes itself; ReDoc runs its search in a
+#: blob: worker): the page and the docs must work offline. No other site may frame them.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; "
-    "object-src 'none'; base-uri 'none'; form-action 'self'"
+    "worker-src 'self' blob:; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
 )
+SECURITY_HEADERS = {
+    "content-security-policy": CONTENT_SECURITY_POLICY,
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+}
 
 
-DOCS_ASSETS_URL = "/docs-assets"
+class SecurityHeadersMiddleware:
+    """Adds :data:`SECURITY_HEADERS` to every HTTP answer (pages, docs, JSON, errors,
+    static files). Starlette and FastAPI ship no such middleware."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
-def _docs_assets() -> Path | None:
-    """Folder of Swagger UI and ReDoc files (package fastapi-offline), if installed."""
+#: Host names of the loopback interface, as clients write them in the Host header.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _allowed_hosts(settings: ServeConfig, bound: str | None = None) -> tuple[str, ...]:
+    """The Host header values to accept: ``settings.allowed_hosts`` when given, else the
+    loopback names plus ``bound`` (a specific non-loopback address :func:`serve` binds)."""
+    if settings.allowed_hosts is not None:
+        return settings.allowed_hosts
+    if bound is None or is_loopback(bound):
+        return LOOPBACK_HOSTS
     try:
-        import fastapi_offline
-    except ImportError:
-        return None
-    folder = Path(fastapi_offline.__file__).parent / "static"
-    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
-
-
-def _add_offline_docs(app: FastAPI, folder: Path) -> None:
-    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-
-    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=str(folder)), name="docs-assets")
-
-    @app.get("/docs", include_in_schema=False)
-    async def swagger(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - API",
-            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+        address = ipaddress.ip_address(bound.strip("[]"))
+    except ValueError:  # a host name
+        return (*LOOPBACK_HOSTS, bound.lower())
+    if address.is_unspecified:
+        raise ConfigError(
+            f"serving on {bound} (every interface): name the host names clients will use "
+            "with --allowed-host (ServeConfig.allowed_hosts), or '*' to accept any"
         )
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_redoc_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - API",
-            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
-            with_google_fonts=False,
-        )
+    return (*LOOPBACK_HOSTS, f"[{address}]" if address.version == 6 else str(address))
 
 
 def _version() -> str:
@@ -579,6 +809,81 @@ def load_for_serving(model_path: str | os.PathLike, settings: ServeConfig) -> Cl
     return classifier
 
 
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for each request's headers.
+
+    uvicorn has no such timeout (its own list of wanted timeouts, issue #157, still has
+    it open): its keep-alive timer is never started on a new connection and is stopped
+    by the first byte of a request, so a client that opens connections and never
+    finishes their headers holds them for ever, and past ``limit_concurrency`` every
+    other client gets 503. An ASGI middleware cannot help: the app is only called once
+    the headers are complete. Subclassed by :func:`uvicorn_config` with the timeout.
+    """
+
+    header_timeout: float = 10.0
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001 - uvicorn's signature
+        super().connection_made(transport)
+        self._header_deadline = self.loop.call_later(
+            self.header_timeout, self.timeout_keep_alive_handler
+        )
+
+    def data_received(self, data: bytes) -> None:
+        # The first bytes of a request on a kept-alive connection start its deadline.
+        if self._header_deadline is None and self.conn.their_state is h11.IDLE:
+            self._header_deadline = self.loop.call_later(
+                self.header_timeout, self.timeout_keep_alive_handler
+            )
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the headers are in
+            self._stop_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_deadline()
+        super().connection_lost(exc)
+
+    def _stop_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+
+def uvicorn_config(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServeConfig | None = None,
+    log_level: str = "info",
+    access_log: bool = True,
+) -> uvicorn.Config:
+    """The uvicorn ``Config`` that :func:`serve` runs ``app`` with: ``settings``'s
+    connection limit, keep-alive and header timeouts.
+
+    Returns
+    -------
+    uvicorn.Config
+    """
+    settings = settings or ServeConfig()
+    protocol = type(
+        "HeaderDeadlineProtocol",
+        (HeaderDeadlineProtocol,),
+        {"header_timeout": settings.header_timeout},
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        http=protocol,
+        # Connections past this get 503 from uvicorn before any app code runs (idle
+        # keep-alive ones and ones still sending headers count too); the app's own
+        # queue and upload memory bound the work and the bytes.
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_timeout,
+    )
+
+
 def serve(
     model_path: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -587,10 +892,17 @@ def serve(
     log_level: str = "info",
     access_log: bool = True,
 ) -> None:
-    """Load ``model_path`` and serve it with uvicorn until interrupted."""
-    import uvicorn
+    """Load ``model_path`` and serve it with uvicorn until interrupted.
 
+    Raises
+    ------
+    ConfigError
+        ``host`` is a wildcard address (every interface) and ``settings.allowed_hosts``
+        does not say which Host names to accept.
+    """
     settings = settings or ServeConfig()
+    settings = replace(settings, allowed_hosts=_allowed_hosts(settings, host))
+    unmap_large_buffers()
     if not is_loopback(host):
         print(
             f"warning: serving on {host}, reachable from other machines; "
@@ -598,14 +910,4 @@ def serve(
             file=sys.stderr,
         )
     app = create_app(load_for_serving(model_path, settings), settings, Path(model_path).name)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
-        # A backstop beyond the app's own queue: connections past this get 503 from
-        # uvicorn before any app code runs (idle keep-alive connections count too).
-        limit_concurrency=settings.capacity + 64,
-        timeout_keep_alive=5,
-    )
+    uvicorn.Server(uvicorn_config(app, host, port, settings, log_level, access_log)).run()

@@ -1,0 +1,380 @@
+"""Hostile clients against the HTTP service: slow bodies, headers that never end, forged
+Host headers, bodies that are not audio, and what every answer says to a browser.
+
+Servers are real uvicorn on 127.0.0.1: ``soundsight serve`` in a subprocess with its
+default timeouts, and :func:`uvicorn_config` in a thread where a test needs short ones.
+Every loop is bounded in count and time; the slowest test runs about 10 s.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from soundsight.errors import ConfigError
+from soundsight.prediction import Classifier
+from soundsight.serving import ServeConfig, create_app, serve, uvicorn_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_up(base: str, alive, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:  # bounded: until the deadline or the server dies
+        assert alive(), "server exited"
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"server not up in {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model, tmp_path_factory):
+    """``soundsight serve`` with a queue of 3 (1 worker, 2 waiting) and its default
+    timeouts, on a free loopback port: (base URL, port)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("hostile") / "serve.log"
+    command = [sys.executable, "-m", "soundsight.cli", "serve", str(tiny_model)]
+    command += ["--port", str(port), "--workers", "1", "--queue-size", "2", "--no-access-log"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_up(base, lambda: process.poll() is None)
+        yield base, port
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_model: Path) -> Classifier:
+    return Classifier.load(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def quick_server(classifier):
+    """The app under uvicorn in a thread, configured as :func:`serve` does, with short
+    header and body timeouts: (port, settings)."""
+    settings = ServeConfig(
+        workers=1, queue_size=2, header_timeout=1.5, body_idle_timeout=1.0, body_timeout=3.0
+    )
+    port = free_port()
+    config = uvicorn_config(create_app(classifier, settings), port=port, settings=settings)
+    config.log_level = "warning"
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_up(f"http://127.0.0.1:{port}", thread.is_alive, timeout=30)
+        yield port, settings
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def request_head(port: int, clip: Path, length: int | None = None) -> bytes:
+    size = clip.stat().st_size if length is None else length
+    return (
+        f"POST /predict?filename={clip.name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: audio/wav\r\nContent-Length: {size}\r\n\r\n"
+    ).encode()
+
+
+def connect(port: int, first: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(first)
+    return sock
+
+
+def answer(sock: socket.socket, timeout: float) -> bytes:
+    """What the server sent before closing (or within ``timeout``): b'' if nothing."""
+    sock.settimeout(timeout)
+    received = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def one_response(sock: socket.socket, timeout: float) -> bytes:
+    """One whole HTTP response (headers and Content-Length body) from ``sock``."""
+    sock.settimeout(timeout)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(4096) or pytest.fail(f"closed mid-response: {received!r}")
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(4096) or pytest.fail(f"closed mid-body: {received!r}")
+    return head + b"\r\n\r\n" + body
+
+
+# --- slow clients (defect 3) ---------------------------------------------------------
+
+
+def test_slow_bodies_and_unfinished_headers_leave_normal_requests_served(small_server, fsdd_clips):
+    """5 clients sending a real clip 1 byte a second (more than the queue of 3) and 70
+    connections stuck in their headers (more than the old 67-connection limit), for
+    6 s: every normal request meanwhile gets 200."""
+    base, port = small_server
+    clip = fsdd_clips[4]
+    data = clip.read_bytes()
+    slow = [connect(port, request_head(port, clip)) for _ in range(5)]
+    stalled = [
+        connect(port, f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+        for _ in range(70)
+    ]
+    statuses = []
+    try:
+        with httpx.Client(base_url=base, timeout=20) as client:
+            for second in range(6):
+                for sock in slow:
+                    sock.sendall(data[second : second + 1])
+                started = time.monotonic()
+                response = client.post("/predict", content=data, params={"filename": clip.name})
+                statuses.append((response.status_code, response.text[:200]))
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    finally:
+        for sock in slow + stalled:
+            sock.close()
+    assert [status for status, _ in statuses] == [200] * 6, statuses
+
+
+def test_trickling_body_gets_408_at_the_body_deadline(quick_server, fsdd_clips):
+    port, settings = quick_server
+    clip = fsdd_clips[9]
+    data = clip.read_bytes()
+    sock = connect(port, request_head(port, clip))
+    started = time.monotonic()
+    reply = b""
+    try:
+        for i in range(12):  # a byte every 0.5 s: never idle 1 s, done in 6 s at most
+            try:
+                sock.sendall(data[i : i + 1])
+            except OSError:
+                break
+            reply += answer(sock, 0.5)
+            if reply:
+                break
+        reply += answer(sock, 2)
+    finally:
+        sock.close()
+    elapsed = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    assert b"request body not complete within 3 s" in reply and clip.name.encode() in reply
+    assert b"connection: close" in reply.lower()
+    assert settings.body_timeout - 0.5 < elapsed < settings.body_timeout + 2.5
+
+
+def test_stalled_body_gets_408_after_the_idle_limit(quick_server, fsdd_clips):
+    port, _ = quick_server
+    clip = fsdd_clips[10]
+    sock = connect(port, request_head(port, clip) + clip.read_bytes()[:1000])
+    started = time.monotonic()
+    try:
+        reply = answer(sock, 4)
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    assert b"request body no data for 1 s" in reply
+    assert time.monotonic() - started < 3
+
+
+def seconds_until_closed(sock: socket.socket, limit: float, trickle: bytes = b"") -> float:
+    """Seconds until the server closes ``sock`` without answering, sending ``trickle``
+    every 0.4 s meanwhile; fails past ``limit`` or on any answer."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            sock.settimeout(0.4)
+            received = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:  # reset: closed while we were sending
+            return time.monotonic() - started
+        assert received == b"", f"the server answered {received[:100]!r}"
+        return time.monotonic() - started
+    pytest.fail(f"the connection was still open after {limit:g} s")
+
+
+@pytest.mark.parametrize("trickle", [b"", b"X"], ids=["silent", "one byte every 0.4 s"])
+def test_unfinished_headers_are_closed_at_the_header_deadline(quick_server, trickle):
+    port, settings = quick_server
+    sock = connect(port, b"GET /health HTTP/1.1\r\n")
+    try:
+        elapsed = seconds_until_closed(sock, 6, trickle)
+    finally:
+        sock.close()
+    assert settings.header_timeout - 0.3 < elapsed < settings.header_timeout + 1.5, elapsed
+
+
+def test_keep_alive_connection_serves_requests_and_times_out_its_next_headers(
+    quick_server, fsdd_clips
+):
+    port, settings = quick_server
+    clip = fsdd_clips[11]
+    sock = connect(port, request_head(port, clip) + clip.read_bytes())
+    try:
+        first = one_response(sock, 10)
+        assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+        # The next request's headers start, then stop: closed at the header deadline,
+        # not held open.
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        elapsed = seconds_until_closed(sock, 6)
+    finally:
+        sock.close()
+    assert settings.header_timeout - 0.3 < elapsed < settings.header_timeout + 1.5, elapsed
+
+
+def test_timeouts_are_validated():
+    for field in ("header_timeout", "body_idle_timeout", "body_timeout", "keep_alive_timeout"):
+        for bad in (0, -1, float("inf"), float("nan"), "5"):
+            with pytest.raises(ConfigError, match=field):
+                ServeConfig(**{field: bad})
+    with pytest.raises(ConfigError, match="cannot exceed body_timeout"):
+        ServeConfig(body_idle_timeout=30, body_timeout=10)
+    with pytest.raises(ConfigError, match="max_connections"):
+        ServeConfig(workers=2, queue_size=16, max_connections=18)
+    settings = ServeConfig()
+    assert settings.header_timeout == 10 and settings.body_timeout == 60
+    assert settings.max_connections > settings.capacity
+
+
+# --- Host header ---------------------------------------------------------------------
+
+
+def test_forged_host_header_is_refused(small_server):
+    base, port = small_server
+    with httpx.Client(timeout=10) as client:
+        for host in ("evil.example", f"attacker.test:{port}", "127.0.0.1.evil.example"):
+            response = client.get(f"{base}/labels", headers={"host": host})
+            assert response.status_code == 400, (host, response.text)
+            assert response.text == "Invalid host header"
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+            response = client.get(f"{base}/labels", headers={"host": host})
+            assert response.status_code == 200, (host, response.text)
+
+
+def test_allowed_hosts_are_configurable(classifier):
+    app = create_app(classifier, ServeConfig(allowed_hosts=["sounds.example", "*.lab.example"]))
+    for base, status in [
+        ("http://sounds.example", 200),
+        ("http://a.lab.example:8000", 200),
+        ("http://localhost", 400),
+        ("http://sounds.example.evil", 400),
+    ]:
+        with TestClient(app, base_url=base) as client:
+            assert client.get("/health").status_code == status, base
+
+
+def test_allowed_hosts_validation_and_wildcard_binding(tmp_path):
+    for bad in ("sounds.example", ["a*b.example"], ["*example.com"], [""]):
+        with pytest.raises(ConfigError, match="allowed_hosts"):
+            ServeConfig(allowed_hosts=bad)
+    # Every interface and no names given: refused before the model is even loaded.
+    with pytest.raises(ConfigError, match="--allowed-host"):
+        serve(tmp_path / "absent.safetensors", host="0.0.0.0")
+
+
+# --- what every answer says to a browser -----------------------------------------------
+
+
+def test_every_answer_has_the_security_headers(classifier, fsdd_clips):
+    app = create_app(classifier, ServeConfig(workers=1, queue_size=1))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        answers = {
+            "page": client.get("/"),
+            "health": client.get("/health"),
+            "labels": client.get("/labels"),
+            "schema": client.get("/openapi.json"),
+            "swagger": client.get("/docs"),
+            "redoc": client.get("/redoc"),
+            "static": client.get("/static/index.html"),
+            "missing": client.get("/nothing-here"),
+            "prediction": client.post("/predict", content=fsdd_clips[1].read_bytes()),
+            "refused": client.post(
+                "/predict", content=b"hello", headers={"content-type": "text/plain"}
+            ),
+        }
+        answers["bad host"] = client.get("/health", headers={"host": "evil.example"})
+    assert answers["prediction"].status_code == 200
+    assert answers["missing"].status_code == 404 and answers["bad host"].status_code == 400
+    for what, response in answers.items():
+        assert response.headers.get("x-content-type-options") == "nosniff", what
+        assert response.headers.get("x-frame-options") == "DENY", what
+        policy = response.headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy, what
+
+
+# --- bodies that are not audio --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/json", "image/png", "text/html; charset=utf-8"]
+)
+def test_raw_body_of_a_non_audio_type_is_415_naming_it(classifier, fsdd_clips, content_type):
+    """A real WAV sent as text is refused by its type (it used to be decoded)."""
+    with TestClient(create_app(classifier), base_url="http://127.0.0.1") as client:
+        response = client.post(
+            "/predict",
+            content=fsdd_clips[2].read_bytes(),
+            headers={"content-type": content_type},
+            params={"filename": fsdd_clips[2].name},
+        )
+    assert response.status_code == 415, response.text
+    body = response.json()
+    assert body["error"] == "unsupported_media_type"
+    assert f"request body type '{content_type.split(';')[0]}' is not audio" in body["detail"]
+    assert body["filename"] == fsdd_clips[2].name
+
+
+def test_multipart_file_of_a_non_audio_type_is_415_naming_it(classifier, fsdd_clips, esc_clips):
+    with TestClient(create_app(classifier), base_url="http://127.0.0.1") as client:
+        clip = fsdd_clips[3]
+        response = client.post(
+            "/predict", files={"file": (clip.name, clip.read_bytes(), "text/plain")}
+        )
+        assert response.status_code == 415, response.text
+        assert response.json()["detail"] == (
+            f"{clip.name}: not an audio file (sent as 'text/plain'); "
+            "expected WAV, FLAC, OGG, MP3 or AIFF"
+        )
+        # Audio types, octet-stream and no type at all are decoded.
+        for part_type in ("audio/x-wav", "application/octet-stream", "audio/flac"):
+            response = client.post(
+                "/predict",
+                files={"file": (esc_clips[3].name, esc_clips[3].read_bytes(), part_type)},
+            )
+            assert response.status_code == 200, (part_type, response.text)

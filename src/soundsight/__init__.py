@@ -40,7 +40,7 @@ _PUBLIC = {
     "train": "training",
     "cross_validate": "training",
     "lr_find": "training",
-    "TrainConfig": "training",
+    "TrainConfig": "config",
     "Classifier": "prediction",
     "evaluate": "prediction",
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Only light modules here: everything heavy (pandas, torch, Lightning) is imported by
 # the command that needs it, so `soundsight --help` answers at once.
-from .config import ENCODINGS, FeatureConfig, ModelConfig
+from .config import ENCODINGS, FeatureConfig, ModelConfig, TrainConfig
 from .errors import SoundsightError
 
 
@@ -129,9 +129,63 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_args(parser: argparse.ArgumentParser) -> None:
-    from .training import TrainConfig
+#: One line of help per recipe field; the flags themselves come from the dataclasses'
+#: fields (:func:`_add_config_flags`), so a new field is a new flag with no other edit.
+MODEL_HELP = {
+    "backbone": "any timm model name, e.g. resnet34",
+    "weights": "'default' (offline ImageNet checkpoint, else the hub), 'hub', 'none', "
+    "or a .pth/.safetensors file",
+    "encoding": f"log-mel to RGB: {', '.join(ENCODINGS)}",
+    "imagenet_normalization": "normalise with ImageNet's mean/std, not the weights' own",
+    "crop_seconds": "training crop / sliding window (default: from clip durations)",
+    "image_size": "squash each whole clip to this square size instead of cropping",
+    "input_scale": "upsample log-mels by this factor",
+}
+TRAIN_HELP = {
+    "stage1_epochs": "epochs with the body frozen",
+    "stage2_epochs": "epochs with everything trainable",
+    "stage2_lr": "head learning rate in stage 2 (default: --lr)",
+    "body_lr": "body learning rate in stage 2",
+    "batch_size": "clips per optimiser step (per process under DDP)",
+    "weight_decay": "AdamW weight decay",
+    "mixup": "mixup alpha (0: off)",
+    "freq_masks": "SpecAugment frequency masks per view",
+    "time_masks": "SpecAugment time masks per view",
+    "freq_mask_width": "largest frequency mask, as a fraction of the bands",
+    "time_mask_width": "largest time mask, as a fraction of the frames",
+    "unverified_weight": "loss weight of unverified FSDKaggle2018 clips",
+    "balanced": "class-balanced sampling",
+    "label_smoothing": "cross-entropy label smoothing",
+    "seed": "random seed",
+    "num_workers": "DataLoader worker processes",
+}
 
+
+def _add_config_flags(group, cls: type, helps: dict[str, str]) -> None:
+    """A ``--field-name`` flag for each field of config dataclass ``cls`` named in
+    ``helps``, typed from the field's default; unset flags stay None, so the recipe's
+    own value applies."""
+    defaults = cls()
+    for spec in fields(cls):
+        if spec.name not in helps:
+            continue
+        default = getattr(defaults, spec.name)
+        flag = f"--{spec.name.replace('_', '-')}"
+        if isinstance(default, bool):
+            group.add_argument(flag, action="store_true", default=None, help=helps[spec.name])
+            continue
+        kind = {"stage2_lr": float, "crop_seconds": float, "image_size": int}.get(
+            spec.name, type(default)
+        )
+        shown = "" if default is None else f" (default {default})"
+        group.add_argument(flag, type=kind, help=f"{helps[spec.name]}{shown}")
+
+
+def _overrides(args: argparse.Namespace, helps: dict[str, str]) -> dict:
+    return {name: getattr(args, name) for name in helps if getattr(args, name) is not None}
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     parser.add_argument(
         "--cache", help="feature cache folder (default: $SOUNDSIGHT_CACHE or ~/.cache/soundsight)"
@@ -145,58 +199,18 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "ImageNet normalisation, no augmentation, stage 2 at 1e-5/1e-4",
     )
     group.add_argument(
-        "--backbone",
-        default=ModelConfig.backbone,
-        help="any timm model name, e.g. resnet34 (default: %(default)s)",
-    )
-    group.add_argument(
-        "--weights",
-        default="default",
-        help="'default' (offline EfficientNet-Lite0 checkpoint, else the hub), "
-        "'hub', 'none', or a .pth/.safetensors file",
-    )
-    group.add_argument(
         "--no-pretrained", action="store_true", help="random initial weights, for comparison"
-    )
-    group.add_argument("--encoding", choices=ENCODINGS, help="log-mel to RGB (default magma)")
-    group.add_argument("--input-scale", type=float, help="upsample log-mels by this factor")
-    group.add_argument(
-        "--crop-seconds",
-        type=float,
-        help="training crop / sliding window (default: from clip durations)",
     )
     group.add_argument(
         "--epochs",
         type=int,
         help=f"total epochs, split 1 : rest between stages (default {defaults.epochs})",
     )
-    group.add_argument("--stage1-epochs", type=int, help="epochs with the body frozen")
-    group.add_argument("--stage2-epochs", type=int, help="epochs with everything trainable")
     group.add_argument(
         "--lr", help=f"head learning rate, or 'auto' for the LR finder (default {defaults.lr})"
     )
-    group.add_argument(
-        "--stage2-lr", type=float, help="head learning rate in stage 2 (default: --lr)"
-    )
-    group.add_argument(
-        "--body-lr", type=float, help=f"body learning rate in stage 2 (default {defaults.body_lr})"
-    )
-    for name in (
-        "batch_size",
-        "mixup",
-        "freq_masks",
-        "time_masks",
-        "unverified_weight",
-        "label_smoothing",
-        "weight_decay",
-        "seed",
-        "num_workers",
-    ):
-        kind = type(getattr(defaults, name))
-        group.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, help=f"(default {getattr(defaults, name)})"
-        )
-    group.add_argument("--balanced", action="store_true", help="class-balanced sampling")
+    _add_config_flags(group, ModelConfig, MODEL_HELP)
+    _add_config_flags(group, TrainConfig, TRAIN_HELP)
     group = parser.add_argument_group(
         "distributed (DDP; launch with torchrun or srun, or let Lightning start the processes)"
     )
@@ -209,53 +223,24 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-nodes", type=int, default=1, help="machines (default 1)")
 
 
-def _recipe(args: argparse.Namespace):
+def _recipe(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """ModelConfig and TrainConfig from --recipe plus any explicit overrides."""
     from dataclasses import replace
 
-    from .training import TrainConfig, seed_recipe
+    from .training import seed_recipe
 
     if args.recipe == "seed":
         model, config = seed_recipe(args.epochs or TrainConfig().epochs)
     else:
         model, config = ModelConfig(), TrainConfig()
-    model_overrides = {
-        "backbone": args.backbone,
-        "weights": args.weights,
-        "encoding": args.encoding,
-        "input_scale": args.input_scale,
-        "crop_seconds": args.crop_seconds,
-    }
-    model = replace(model, **{k: v for k, v in model_overrides.items() if v is not None})
-    overrides = {
-        name: getattr(args, name)
-        for name in (
-            "stage2_lr",
-            "body_lr",
-            "batch_size",
-            "mixup",
-            "freq_masks",
-            "time_masks",
-            "unverified_weight",
-            "label_smoothing",
-            "weight_decay",
-            "seed",
-            "num_workers",
-            "stage1_epochs",
-            "stage2_epochs",
-        )
-    }
-    if args.balanced:
-        overrides["balanced"] = True
+    model = replace(model, **_overrides(args, MODEL_HELP))
+    overrides = _overrides(args, TRAIN_HELP)
     if args.lr not in (None, "auto"):
         overrides["lr"] = float(args.lr)
     if args.epochs and args.recipe != "seed":
-        stage1 = args.stage1_epochs
-        if stage1 is None:
-            stage1 = min(config.stage1_epochs, args.epochs - 1)
+        stage1 = overrides.get("stage1_epochs", min(config.stage1_epochs, args.epochs - 1))
         overrides["stage1_epochs"], overrides["stage2_epochs"] = stage1, args.epochs - stage1
-    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    return model, config
+    return model, replace(config, **overrides)
 
 
 def _train_valid(args: argparse.Namespace):
@@ -286,6 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config=config,
         cache=args.cache,
         resume=args.resume,
+        force=args.force,
         pretrained=not args.no_pretrained,
         lr_find=args.lr == "auto",
         devices=args.devices,
@@ -495,6 +481,11 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue even though the data set changed since the run began",
+    )
     _add_training_args(p)
     _add_feature_args(p)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from .config import config_to_dict
+from .config import TrainConfig, config_to_dict
 from .datamodule import ClipDataModule
 from .distributed import distribution, gather_in_order, is_global_zero, precision
 from .errors import ConfigError
@@ -36,68 +36,6 @@ from .models import ModelConfig, SoundNet, clip_probabilities
 from .plots import plot_lr_find
 from .schedule import one_cycle_options
 from .tables import read_csv, write_csv
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The training recipe (augmentation, schedule, optimiser).
-
-    Attributes
-    ----------
-    stage1_epochs, stage2_epochs : int
-        Epochs with the body frozen, then with everything trainable.
-    lr : float
-        Peak (one-cycle) learning rate of the head in stage 1, and in stage 2 unless
-        ``stage2_lr`` is set.
-    stage2_lr : float or None
-        Peak learning rate of the head in stage 2 (None: ``lr``).
-    body_lr : float
-        Peak learning rate of the body in stage 2 (discriminative rates).
-    batch_size, weight_decay : ...
-        AdamW settings.
-    mixup : float
-        Mixup Beta(alpha, alpha) parameter; 0 turns it off.
-    freq_masks, time_masks : int
-        SpecAugment: masked frequency bands / time spans per training view.
-    freq_mask_width, time_mask_width : float
-        Largest mask, as a fraction of the bands / frames.
-    unverified_weight : float
-        Loss weight of clips whose ``verified`` flag is False (FSDKaggle2018).
-    balanced : bool
-        Sample classes equally often instead of by frequency.
-    label_smoothing : float
-        Cross-entropy label smoothing.
-    seed : int
-        Seeds Python, NumPy and torch (workers included).
-    num_workers : int
-        DataLoader worker processes (0: load in the training process).
-    """
-
-    stage1_epochs: int = 1
-    stage2_epochs: int = 9
-    lr: float = 2e-3
-    stage2_lr: float | None = None
-    body_lr: float = 1e-3
-    batch_size: int = 16
-    weight_decay: float = 0.01
-    mixup: float = 0.0
-    freq_masks: int = 2
-    time_masks: int = 2
-    freq_mask_width: float = 0.15
-    time_mask_width: float = 0.15
-    unverified_weight: float = 0.5
-    balanced: bool = False
-    label_smoothing: float = 0.1
-    seed: int = 0
-    num_workers: int = 0
-
-    def __post_init__(self):
-        if self.stage1_epochs < 0 or self.stage2_epochs < 0 or self.epochs < 1:
-            raise ConfigError(f"need at least one epoch and none negative: {self}")
-
-    @property
-    def epochs(self) -> int:
-        return self.stage1_epochs + self.stage2_epochs
 
 
 def seed_recipe(epochs: int = 10) -> tuple[ModelConfig, TrainConfig]:

@@ -31,6 +31,11 @@ run: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# The inner loop: every test that trains no model (decoding, features, cache, layouts,
+# tables, CLI parsing, images), in well under a minute. Installs nothing.
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
 # The newest versions pyproject.toml allows, no lock, in a throwaway virtual environment:
 # shows drift before `make lock` moves the lock to it.
 test-latest:

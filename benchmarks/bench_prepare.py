@@ -61,7 +61,7 @@ import psutil  # noqa: E402
 import soundfile as sf  # noqa: E402
 import soxr  # noqa: E402
 import torch  # noqa: E402
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, reference_step_ms  # noqa: E402
 from PIL import Image  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
@@ -137,6 +137,8 @@ def machine_info() -> dict:
         "cpu_model": cpu_model(),
         "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
         "load_average_start": [round(x, 2) for x in load],
+        # A plain timm Lite0 training step; 201 ms where the issues' goals were set.
+        "reference_step_ms": round(reference_step_ms(), 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {
@@ -692,7 +694,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"Benchmark `python benchmarks/bench_prepare.py`, {m['date']}, "
         f"{m['cpu_count']} x {m['cpu_model']}, load average at start "
-        f"{m['load_average_start'][0]:.2f}, nice {m['nice']}; CPU used by other processes "
+        f"{m['load_average_start'][0]:.2f}, reference step {m['reference_step_ms']} ms "
+        f"(201 ms where the goals were set), nice {m['nice']}; CPU used by other processes "
         f"during the runs {max(results['other_load'].values()) * 100:.0f}% at most; "
         f"torch {m['versions']['torch']}, "
         f"librosa {m['versions']['librosa']}, soundfile {m['versions']['soundfile']}, "
@@ -811,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"machine        {machine['cpu_count']} CPUs ({machine['cpu_affinity']} usable), ")
     log(f"               {machine['cpu_model']}, {machine['memory_gb']} GB RAM")
     log(f"load average   {' '.join(map(str, machine['load_average_start']))} (1/5/15 min, start)")
+    log(f"reference step {machine['reference_step_ms']} ms (201 ms where the goals were set)")
     log(f"python         {machine['python']}  soundsight {v['soundsight']} git {machine['git']}")
     log(
         f"libraries      torch {v['torch']}, librosa {v['librosa']}, soundfile {v['soundfile']} "

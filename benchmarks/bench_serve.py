@@ -41,7 +41,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from machine import cpu_model
+from machine import cpu_model, reference_step_ms
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -203,7 +203,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"Benchmark `python benchmarks/bench_serve.py --model {results['model']}`, "
         f"{m['date']}, {m['cpus']} x {m['cpu']}, load average {m['load_start']:.2f} at start "
-        f"and {m['load_end']:.2f} at the end (the machine is shared); "
+        f"and {m['load_end']:.2f} at the end (the machine is shared); reference step "
+        f"{m['reference_step_ms']} ms (201 ms where the goals were set); "
         f"server: {results['server']['workers']} worker threads, torch 1 thread each, "
         f"queue {results['server']['capacity']}; client: httpx on 127.0.0.1.",
         "",
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "cpu": cpu_model(),
             "load_start": load_start,
+            "reference_step_ms": round(reference_step_ms(), 1),
             "load_end": os.getloadavg()[0],
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from machine import cpu_model
+from machine import cpu_model, reference_step_ms
 
 import soundsight as ss
 from soundsight.prediction import Classifier
@@ -153,6 +153,8 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores, {cpu_model()}, "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}",
         "load_average_at_start": os.getloadavg(),
+        # A plain timm Lite0 training step; 201 ms where the issues' goals were set.
+        "reference_step_ms": round(reference_step_ms(), 1),
     }
     if not args.skip_fsdd:
         results["fsdd"] = bench_fsdd(work)
@@ -225,7 +227,12 @@ def markdown(r: dict) -> str:
             f"{p['batch_clips_per_second']:.0f} clips/s",
             p["batch_clips_per_second"] >= 50,
         )
-    return f"Measured {r['date']} on {r['machine']}\n\n" + "\n".join(rows) + "\n"
+    head = (
+        f"Measured {r['date']} on {r['machine']}, load average "
+        f"{r['load_average_at_start'][0]:.2f} at start, reference step "
+        f"{r.get('reference_step_ms', '?')} ms (201 ms where the goals were set)"
+    )
+    return head + "\n\n" + "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":

@@ -15,3 +15,37 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+#: The reference step on the machine the issues' times were set on (ms).
+REFERENCE_STEP_MS_THERE = 201.0
+
+
+def reference_step_ms(steps: int = 10) -> float:
+    """Median time of a plain timm ``tf_efficientnet_lite0`` training step (batch 16,
+    input 3x128x87, AdamW, 2 threads), the figure the issues' times were set against
+    (201 ms there): scale a target time by ``reference_step_ms() / 201``."""
+    import statistics
+    import time
+
+    import timm
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model("tf_efficientnet_lite0", num_classes=10)
+        optimizer = torch.optim.AdamW(model.parameters())
+        x, y = torch.randn(16, 3, 128, 87), torch.randint(0, 10, (16,))
+        times = []
+        for step in range(steps + 2):
+            started = time.perf_counter()
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if step >= 2:  # the first steps warm up allocators and kernels
+                times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)

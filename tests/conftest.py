@@ -267,3 +267,15 @@ def chromium() -> Iterator:
             yield browser
         finally:
             browser.close()
+
+
+#: Test modules that train models throughout (minutes on 2 cores).
+TRAINING_MODULES = {"test_training", "test_distributed", "test_hostile_training"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that trains (a training module, or one that needs the session's
+    tiny model) as ``slow``: ``make test-fast`` runs the rest, for the inner loop."""
+    for item in items:
+        if item.module.__name__ in TRAINING_MODULES or "tiny_model" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)

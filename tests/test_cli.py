@@ -79,7 +79,7 @@ def test_prepare_folder_of_unknown_layout(tmp_path, fsdd_clips, run_cli):
     [
         (("--shard", "3/3"), "shard index"),
         (("--fmax", "30000"), "fmax"),
-        (("--n-mels", "0"), "must be positive"),
+        (("--n-mels", "0"), "n_mels must be 1 to 1024"),
     ],
 )
 def test_prepare_bad_options(tmp_path, esc_subset, run_cli, args, message):

@@ -406,7 +406,7 @@ def test_full_disk_stops_export_images_and_keeps_what_was_written(
     def save(self, fp, *args, **kwargs):
         count["images"] += 1
         if count["images"] > 2:
-            Path(fp).write_bytes(b"\x89PNG partial")
+            fp.write(b"\x89PNG partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(self, fp, *args, **kwargs)
 

@@ -16,7 +16,7 @@ import pytest
 from soundsight import load_dataset
 from soundsight.evaluation import holdout, make_folds
 from soundsight.layouts import DatasetError
-from soundsight.models import read_model_file
+from soundsight.modelfile import read_spec
 from soundsight.schedule import DIV_FACTOR, FINAL_DIV_FACTOR, one_cycle
 from soundsight.tables import read_csv
 from soundsight.training import ClipClassifier, TrainConfig, train
@@ -80,8 +80,7 @@ def test_two_clips_per_label_are_enough_to_train(fsdd_dir, tmp_path):
         progress=False,
     )
     assert result.metrics["clips"] == 3  # one clip of each label validated...
-    _, metadata = read_model_file(result.model_path)
-    assert metadata["labels"] == ["0", "1", "2"]  # ...one of each trained on
+    assert read_spec(result.model_path).labels == ("0", "1", "2")  # ...one of each trained on
 
 
 def test_splits_too_small_for_their_groups_say_why():
@@ -113,7 +112,7 @@ def test_labels_that_look_like_numbers_or_missing_values_stay_distinct(fsdd_dir,
     result = train(clips, run, config=ONE_EPOCH, cache=tmp_path / "cache", progress=False)
 
     labels = sorted(AWKWARD_LABELS)
-    assert read_model_file(result.model_path)[1]["labels"] == labels
+    assert list(read_spec(result.model_path).labels) == list(labels)
     assert read_csv(run / "per_class.csv", text=("label",))["label"].tolist() == labels
     confusion = read_csv(run / "confusion.csv", index_col=0)
     assert list(confusion.index) == list(confusion.columns) == labels

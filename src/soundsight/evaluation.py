@@ -66,8 +66,8 @@ def most_confused(confusion: np.ndarray, labels: Sequence[str], min_count: int =
     true, pred = np.nonzero(confusion - np.diag(np.diag(confusion)) >= min_count)
     frame = pd.DataFrame(
         {
-            "true": [labels[i] for i in true],
-            "predicted": [labels[j] for j in pred],
+            "true": [labels[int(i)] for i in true],
+            "predicted": [labels[int(j)] for j in pred],
             "count": confusion[true, pred],
         }
     )

@@ -25,7 +25,7 @@ AMIN = 1e-10
 LOG_MEL_DTYPE = np.float16
 
 
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+def _hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
     """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, np.float64)
     linear = hz / (200.0 / 3)
@@ -69,6 +69,11 @@ class LogMel(torch.nn.Module):
     reference (``ref=np.max``) is taken per clip over its own frames only, so
     zero-padding a batch to a common length does not change any clip's values.
     """
+
+    # Buffers (register_buffer), declared so they type as tensors.
+    mel_basis: torch.Tensor
+    sparse_mel_basis: torch.Tensor
+    window: torch.Tensor
 
     def __init__(self, config: FeatureConfig):
         super().__init__()

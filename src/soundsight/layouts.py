@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from stat import S_ISREG
+from typing import Any, cast
 
 import pandas as pd
 
@@ -249,8 +250,9 @@ def folder(root: Path, split: str = "train") -> pd.DataFrame:
     """One sub-folder per class: ``ROOT/<label>/*.{wav,flac,ogg,mp3}``."""
     del split
     # Class folders that are links going nowhere (broken, or loops) are named too.
-    skipped = [
-        (str(p), _not_a_file(p))
+    # A link that does not resolve always has a reason (its stat fails), never None.
+    skipped: list[tuple[str, str]] = [
+        (str(p), cast(str, _not_a_file(p)))
         for p in sorted(root.iterdir())
         if p.is_symlink() and not p.exists()
     ]
@@ -277,7 +279,9 @@ def regex(
         raise DatasetError("the regex layout needs --label-regex, e.g. '^(\\d+)_'")
     pattern = re.compile(label_regex)
     group_pattern = re.compile(group_regex) if group_regex else None
-    rows, unmatched, skipped = [], [], []
+    rows: list[dict[str, Any]] = []
+    unmatched: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for path in _listed(root, skipped):
         match = pattern.search(path.name)
         if not match:

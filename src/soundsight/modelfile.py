@@ -31,6 +31,8 @@ from .files import write_whole
 if TYPE_CHECKING:
     import torch
 
+    from .models import SoundNet
+
 #: Metadata key in the safetensors header holding the model file's JSON record.
 METADATA_KEY = "soundsight"
 #: Metadata key of the SHA-256 over the record and the tensors (see :func:`_digest`).
@@ -165,7 +167,7 @@ def _digest(record: str, tensors: dict[str, torch.Tensor]) -> str:
     return sha.hexdigest()
 
 
-def save_model_file(path: str | os.PathLike, net: torch.nn.Module, spec: ModelSpec) -> Path:
+def save_model_file(path: str | os.PathLike, net: SoundNet, spec: ModelSpec) -> Path:
     """Write ``net``'s backbone weights and ``spec`` into one file, atomically."""
     from safetensors.torch import save
 

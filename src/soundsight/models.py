@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib
 import numpy as np
@@ -23,6 +24,23 @@ from .errors import SoundsightError
 #: The standard ImageNet statistics (torchvision/fastai), used by ``--recipe seed``.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+if TYPE_CHECKING:
+
+    class Backbone(torch.nn.Module):
+        """What this module uses of a timm model (``timm.create_model`` is typed as
+        returning a plain ``nn.Module``, whose attributes mypy reads as
+        ``Tensor | Module``)."""
+
+        default_cfg: dict[str, Any]
+        pretrained_cfg: dict[str, Any]
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+        def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+        def get_classifier(self) -> torch.nn.Module: ...
+
+else:
+    Backbone = torch.nn.Module
 
 
 def _efficientnet_lite0_package() -> dict[str, torch.Tensor]:
@@ -68,7 +86,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_matching(model: torch.nn.Module, source: dict[str, torch.Tensor], origin: str) -> None:
+def _load_matching(model: Backbone, source: dict[str, torch.Tensor], origin: str) -> None:
     """Load ``source`` into ``model`` by name, or else by order when the names differ
     but shapes agree one-to-one; the classifier is skipped (it is re-initialised)."""
     target = model.state_dict()
@@ -97,7 +115,7 @@ def _load_matching(model: torch.nn.Module, source: dict[str, torch.Tensor], orig
 
 def create_backbone(
     name: str = DEFAULT_BACKBONE, num_classes: int = 1000, weights: str = "default"
-) -> torch.nn.Module:
+) -> Backbone:
     """A timm model with ``num_classes`` outputs and the requested weights.
 
     Parameters
@@ -118,7 +136,7 @@ def create_backbone(
         raise WeightsError(f"unknown timm backbone {name!r}")
     hub = weights == "hub" or (weights == "default" and name not in OFFLINE_WEIGHTS)
     try:
-        model = timm.create_model(name, pretrained=hub, num_classes=num_classes)
+        model = cast(Backbone, timm.create_model(name, pretrained=hub, num_classes=num_classes))
     except Exception as err:  # noqa: BLE001 - hub failures come in many types
         if not hub:
             raise
@@ -140,7 +158,7 @@ def create_backbone(
     return model
 
 
-def input_normalization(backbone: torch.nn.Module, imagenet: bool = False) -> tuple:
+def input_normalization(backbone: Backbone, imagenet: bool = False) -> tuple:
     """(mean, std) the backbone's pretrained weights expect (or ImageNet's)."""
     if imagenet:
         return IMAGENET_MEAN, IMAGENET_STD
@@ -157,6 +175,11 @@ class InputEncoder(torch.nn.Module):
     finally normalised by the backbone's mean and std. Low frequencies stay at row 0:
     convolutions do not care about the orientation.
     """
+
+    # Buffers (register_buffer), declared so they type as tensors.
+    table: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, encoding: str, floor_db: float, mean, std, scale: float = 1.0):
         super().__init__()
@@ -230,7 +253,7 @@ def fold_batch_norms(net: SoundNet, example: torch.Tensor) -> int:
 
     net.eval()
     produced: dict[int, tuple[torch.nn.Conv2d, torch.Tensor]] = {}
-    pairs: list[tuple[torch.nn.Conv2d, torch.nn.Module]] = []
+    pairs: list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]] = []
 
     def after_conv(module, inputs, output):
         produced[id(output)] = (module, output)  # holding the output keeps its id unique

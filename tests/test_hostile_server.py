@@ -8,6 +8,7 @@ Every loop is bounded in count and time; the slowest test runs about 10 s.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socket
@@ -422,3 +423,40 @@ def test_multipart_file_of_a_non_audio_type_is_415_naming_it(classifier, fsdd_cl
                 files={"file": (esc_clips[3].name, esc_clips[3].read_bytes(), part_type)},
             )
             assert response.status_code == 200, (part_type, response.text)
+
+
+def test_uploads_arriving_together_are_capped_in_memory(classifier, fsdd_clips, esc_clips):
+    """Uploads are read before they take a queue slot, so the bytes all of them hold at
+    once are capped instead: two slow 90 kB uploads under a 165.5 kB cap (one slot of a
+    0.1 MB limit plus the multipart allowance) leave no room for the second; 503."""
+    settings = ServeConfig(workers=1, queue_size=0, max_upload_bytes=100_000)
+    assert settings.upload_memory_bytes == 100_000 + 64 * 1024
+    app = create_app(classifier, settings)
+    head = esc_clips[4].read_bytes()[:30_000]  # a third of the start of a real clip
+    assert len(head) == 30_000
+    clip = fsdd_clips[13].read_bytes()
+
+    async def scenario():
+        gates = [asyncio.Event(), asyncio.Event()]
+
+        async def slow_body(gate: asyncio.Event):
+            for _ in range(3):
+                yield head
+            await asyncio.wait_for(gate.wait(), 5)
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            first = asyncio.create_task(http.post("/predict", content=slow_body(gates[0])))
+            await asyncio.sleep(0.3)
+            second = await asyncio.wait_for(http.post("/predict", content=slow_body(gates[1])), 5)
+            gates[0].set()
+            await asyncio.wait_for(first, 30)
+            after = await http.post("/predict", content=clip)
+            return second, after
+
+    second, after = asyncio.run(scenario())
+    assert second.status_code == 503, second.text
+    body = second.json()
+    assert body["error"] == "server_busy" and "0.165536 MB the server buffers" in body["detail"]
+    assert second.headers["retry-after"] == "1"
+    assert after.status_code == 200, after.text

@@ -29,6 +29,7 @@ machine, which is recorded with the CPU model beside them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -91,7 +92,9 @@ def bursts(base: str, clip: Path, process: psutil.Process, count: int, size: int
         with httpx.Client(base_url=base, timeout=120) as client:
             if i % 2:
                 response = client.post(
-                    "/predict", content=data, params={"filename": clip.name},
+                    "/predict",
+                    content=data,
+                    params={"filename": clip.name},
                     headers={"content-type": "audio/wav"},
                 )
             else:
@@ -146,10 +149,9 @@ def slow_clients(port: int, seconds: float, tricklers: int, stallers: int) -> di
         sent = 0
         while time.monotonic() < stop and sent < len(data):
             for sock in slow:
-                try:
+                # OSError: the server closed it (timed out), which is the point.
+                with contextlib.suppress(OSError):
                     sock.sendall(data[sent : sent + 1])
-                except OSError:
-                    pass  # the server closed it (timed out): that is the point
             sent += 1
             time.sleep(1.0)
 

@@ -55,6 +55,7 @@ class ClipView:
 
     def _fit(self, db: np.ndarray, start: int) -> np.ndarray:
         """``frames`` columns from ``start``; silence where the clip has none."""
+        assert self.frames is not None, "only crop views fit windows"
         window = np.asarray(db[:, max(start, 0) : start + self.frames], dtype=np.float32)
         if window.shape[1] == self.frames:
             return window
@@ -64,6 +65,7 @@ class ClipView:
         return out
 
     def _squash(self, db: np.ndarray) -> np.ndarray:
+        assert self.size is not None, "only squash views squash"
         image = torch.from_numpy(np.asarray(db, dtype=np.float32))[None, None]
         return F.interpolate(image, size=(self.size, self.size), mode="bilinear")[0, 0].numpy()
 

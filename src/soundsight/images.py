@@ -83,6 +83,7 @@ def label_folders(labels: Iterable[str]) -> dict[str, str]:
             return folders
         for label in clashing:
             folders[label] = _hashed(folders[label], label, attempt)
+    raise AssertionError("unreachable: itertools.count() never ends")
 
 
 def _hashed(name: str, label: str, attempt: int) -> str:

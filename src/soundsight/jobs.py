@@ -141,7 +141,9 @@ def _chunks(paths: Sequence[str]) -> list[list[str]]:
         except OSError:
             sizes[path] = 0  # the worker reports why it cannot read it
     ordered = sorted(paths, key=lambda p: -sizes[p])
-    chunks, current, current_bytes = [], [], 0
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
     for path in ordered:
         if current and (len(current) >= CHUNK_CLIPS or current_bytes + sizes[path] > CHUNK_BYTES):
             chunks.append(current)

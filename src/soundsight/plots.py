@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import matplotlib
 import numpy as np
@@ -287,7 +288,8 @@ def mel_ticks(features: FeatureConfig, n_mels: int | None = None) -> tuple[list[
     n_mels = n_mels or features.n_mels
     top = features.fmax or features.sample_rate / 2
     centres = librosa.mel_frequencies(n_mels=n_mels, fmin=features.fmin, fmax=top)
-    positions, names = [], []
+    positions: list[float] = []
+    names: list[str] = []
     for hz in (50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000):
         if centres[0] <= hz <= centres[-1]:
             position = float(np.interp(hz, centres, np.arange(n_mels))) + 0.5
@@ -537,7 +539,7 @@ def plot_per_class(per_class: pd.DataFrame) -> Figure:
         for label, s in zip(frame["label"], frame.get("support", [0] * n), strict=True)
     ]
     for i in y:
-        ax.axhline(i, color="0.9", linewidth=0.8, zorder=0)
+        ax.axhline(int(i), color="0.9", linewidth=0.8, zorder=0)
     # Precision as a ring around the filled recall square, so equal values show both.
     ax.scatter(
         frame["precision"],
@@ -581,8 +583,9 @@ def plot_top_losses(
     figure, axes, _ = _grid(n, cols, (3.3, 2.5))
     for i, row in enumerate(losses.itertuples(index=False)):
         ax = axes[i]
-        if spectrograms[i] is not None:
-            _spectrogram(ax, spectrograms[i], features, floor)
+        spectrogram = spectrograms[i]
+        if spectrogram is not None:
+            _spectrogram(ax, spectrogram, features, floor)
         else:
             ax.text(0.5, 0.5, "audio unreadable", ha="center", va="center", transform=ax.transAxes)
         mark = "✓" if row.predicted == row.label else "✗"
@@ -611,7 +614,8 @@ def plot_tsne(
     """t-SNE of penultimate embeddings, one colour and marker per label; above 8
     labels each class is also named at its median position."""
     if positions is None:
-        positions = tsne_positions(embeddings, seed)
+        # Callers pass embeddings whenever they pass no positions.
+        positions = tsne_positions(cast(np.ndarray, embeddings), seed)
     labels = [str(label) for label in labels]
     classes = sorted(set(labels), key=lambda s: (len(s), s) if s.isdigit() else (0, s))
     styles = label_styles(classes)

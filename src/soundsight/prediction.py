@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -177,7 +178,8 @@ class Classifier:
 
     def embeddings(self, log_mels: Iterable[np.ndarray]) -> np.ndarray:
         """Penultimate embeddings ``(clips, dim)``: the mean over each clip's windows."""
-        rows = [e for _, e in self.score(log_mels, embed=True)]
+        # With embed=True every clip has an embedding (never None).
+        rows = cast(list[np.ndarray], [e for _, e in self.score(log_mels, embed=True)])
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:

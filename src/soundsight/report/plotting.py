@@ -135,6 +135,7 @@ def _embedded_clips(
     ``y`` and spectrogram thumbnails; None when too few clips for a picture."""
     from ..prediction import Classifier
 
+    assert run.predictions is not None  # run_figures checked it
     clips = _sample(run.predictions[["path", "label"]], MAX_TSNE_CLIPS)
     if len(clips) < MIN_TSNE_CLIPS:
         return None
@@ -306,7 +307,7 @@ def plot_run(
             print(f"plotting {folder}", flush=True)
         return _plot_one_run(folder, cache, progress)
     cv = CVData.load(folder)
-    written = []
+    written: list[Path] = []
     for fold in cv.folds:
         if plots_are_current(fold):
             manifest = json.loads((fold / "plots.json").read_text())

@@ -32,12 +32,13 @@ import base64
 import ctypes
 import io
 import ipaddress
+import math
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -441,7 +442,7 @@ class _BodyReader:
 
     def __init__(
         self,
-        receive: Callable[[], Awaitable[dict]],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
         settings: ServeConfig,
         memory: _UploadMemory,
         budget: int,
@@ -451,7 +452,7 @@ class _BodyReader:
         self.budget, self.name, self.taken = budget, name, 0
         self._deadline = time.monotonic() + settings.body_timeout
 
-    async def __call__(self) -> dict:
+    async def __call__(self) -> MutableMapping[str, Any]:
         remaining = self._deadline - time.monotonic()
         idle = self.settings.body_idle_timeout
         try:
@@ -824,7 +825,7 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - uvicorn's signature
         super().connection_made(transport)
-        self._header_deadline = self.loop.call_later(
+        self._header_deadline: asyncio.TimerHandle | None = self.loop.call_later(
             self.header_timeout, self.timeout_keep_alive_handler
         )
 
@@ -880,7 +881,7 @@ def uvicorn_config(
         # keep-alive ones and ones still sending headers count too); the app's own
         # queue and upload memory bound the work and the bytes.
         limit_concurrency=settings.max_connections,
-        timeout_keep_alive=settings.keep_alive_timeout,
+        timeout_keep_alive=math.ceil(settings.keep_alive_timeout),  # uvicorn takes whole s
     )
 
 

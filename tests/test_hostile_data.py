@@ -462,14 +462,23 @@ def test_damaged_cache_entries_are_named_and_recomputed(tmp_path, fsdd_clips, es
 def test_entries_are_flushed_to_disk_before_the_rename(tmp_path, fsdd_clips, monkeypatch):
     calls = []
     real_fdatasync, real_replace = os.fdatasync, os.replace
-    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("fdatasync") or real_fdatasync(fd))
-    monkeypatch.setattr(
-        os, "replace", lambda a, b: calls.append(f"replace {Path(b).suffix}") or real_replace(a, b)
-    )
+
+    def fdatasync(fd):
+        calls.append(("flush", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fdatasync(fd)
+
+    def replace(source, target):
+        calls.append(("rename", str(source)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "replace", replace)
     prepare([str(p) for p in fsdd_clips[:3]], tmp_path, SMALL, workers=0, progress=False)
-    entries = [i for i, call in enumerate(calls) if call == "replace .npy"]
+    renamed = [(i, path) for i, (what, path) in enumerate(calls) if what == "rename"]
+    entries = [(i, path) for i, path in renamed if path.endswith(".tmp") and "/clips/" in path]
     assert len(entries) == 3
-    assert all(calls[i - 1] == "fdatasync" for i in entries)
+    for i, path in entries:  # each entry's own data reached the disk before its rename
+        assert ("flush", path) in calls[:i]
 
 
 # ------------------------------------------------------------- listing folders

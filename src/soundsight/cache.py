@@ -34,7 +34,7 @@ from .audio import AudioError, load_clip, read_header
 from .config import config_from_dict, config_to_dict
 from .errors import ConfigError, SoundsightError
 from .features import LOG_MEL_DTYPE, FeatureConfig, Featuriser
-from .files import write_whole
+from .files import write_all_whole, write_whole
 from .jobs import ClipOutcome, JobReport, is_disk_full, run_clip_jobs, stopped_by_full_disk
 
 #: Longest clip, in seconds, that prepare (and so train) featurises unless told
@@ -151,10 +151,26 @@ class FeatureCache:
     def write(self, path: str | os.PathLike, features: np.ndarray) -> Path:
         """Store one clip's features whole (:func:`~soundsight.files.write_whole`); a
         failed write (a full disk) leaves no temporary behind."""
+        entry, save, tmp = self._entry_writer(path, features)
+        return write_whole(entry, save, temporary=tmp)
+
+    def write_many(self, items: Sequence[tuple[str, np.ndarray]]) -> dict[str, str]:
+        """Store several clips' features whole, flushed to disk together (what
+        ``prepare`` does per chunk of clips); returns the clips that could not be
+        written, with the reason. A full disk is raised."""
+        writers = {str(path): self._entry_writer(path, features) for path, features in items}
+        failed = write_all_whole(list(writers.values()))
+        by_entry = {entry: path for path, (entry, _, _) in writers.items()}
+        return {
+            by_entry[entry]: f"cannot write its output ({err})" for entry, err in failed.items()
+        }
+
+    def _entry_writer(self, path: str | os.PathLike, features: np.ndarray):
         entry = self.entry(path)
+        entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{entry.stem}.{socket.gethostname()}.{os.getpid()}.tmp")
         data = np.ascontiguousarray(features, dtype=LOG_MEL_DTYPE)
-        return write_whole(entry, lambda file: np.save(file, data), temporary=tmp)
+        return entry, (lambda file: np.save(file, data)), tmp
 
     def save_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -287,15 +303,15 @@ def _too_long(duration: float, limit: float) -> str:
 
 def featurise_job(
     config: FeatureConfig,
-    write: Callable[[str, np.ndarray], object],
+    write: Callable[[list[tuple[str, np.ndarray]]], dict[str, str]],
     cache: FeatureCache | None = None,
     max_duration: float | None = None,
 ) -> dict:
     """Worker set-up for :func:`~soundsight.jobs.run_clip_jobs`: decode and featurise
-    each clip (see :func:`featurise_clips`), then ``write(path, log_mel)``. An
-    ``OSError`` from ``write`` fails that clip only, except a full disk, which stops the
-    job (it is raised). Clips already in ``cache`` (same config) are read from it
-    instead of decoded."""
+    each clip of a chunk (see :func:`featurise_clips`), then ``write(items)`` the
+    chunk's ``(path, log_mel)`` pairs together, which returns the clips it could not
+    write and why. Those fail alone; a full disk stops the job (it is raised). Clips
+    already in ``cache`` (same config) are read from it instead of decoded."""
     featurise = Featuriser(config)
 
     def from_cache(chunk: list[str], decode: list[str]):
@@ -314,19 +330,21 @@ def featurise_job(
     def process(chunk: list[str]) -> list[ClipOutcome]:
         decode: list[str] = []
         results = []
+        done: list[tuple[str, np.ndarray]] = []
         # featurise_clips starts once from_cache is exhausted: ``decode`` is complete.
         for path, features, error, seconds, warning in itertools.chain(
             from_cache(chunk, decode), featurise_clips(decode, featurise, max_duration)
         ):
             if error is None:
-                try:
-                    write(path, features)
-                except OSError as err:
-                    if is_disk_full(err):
-                        raise
-                    error = f"cannot write its output ({err})"
+                done.append((path, features))
             results.append(ClipOutcome(path, error, seconds, warning))
-        return results
+        unwritten = write(done)
+        return [
+            outcome._replace(error=unwritten[outcome.path])
+            if outcome.path in unwritten
+            else outcome
+            for outcome in results
+        ]
 
     return {"process": process}
 
@@ -411,7 +429,7 @@ def prepare(
         run_clip_jobs(
             todo,
             featurise_job,
-            (config, cache.write, None, max_duration),
+            (config, cache.write_many, None, max_duration),
             workers,
             "prepare",
             progress,

@@ -9,6 +9,7 @@ durable, not the timestamps; it costs half as much here).
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -59,3 +60,51 @@ def write_whole(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_all_whole(
+    items: list[tuple[Path, Callable[[BinaryIO], object], Path]],
+) -> dict[Path, OSError]:
+    """Write several files whole with one wait for the disk: every temporary is written,
+    then each is flushed (``fdatasync``; once the first has committed the file system's
+    journal the others find little left to do), then each renamed into place.
+
+    ``items`` are ``(target, write, temporary)``. Returns the targets that failed, with
+    their error (their temporaries removed); the rest are in place. A full disk is
+    raised after the files written whole before it are in place.
+
+    Per-file ``fdatasync`` costs about 2 ms here, more than featurising a 5-s clip;
+    flushing a chunk of entries together costs a fraction of that per entry.
+    """
+    failed: dict[Path, OSError] = {}
+    written: list[tuple[Path, Path]] = []
+    full: OSError | None = None
+    try:
+        for target, write, tmp in items:
+            try:
+                with open(tmp, "wb") as file:
+                    write(file)
+                written.append((target, tmp))
+            except OSError as err:
+                Path(tmp).unlink(missing_ok=True)
+                if err.errno == errno.ENOSPC:
+                    full = err  # keep what was written whole, then say so
+                    break
+                failed[target] = err
+        for _, tmp in written:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        while written:
+            target, tmp = written[0]
+            os.replace(tmp, target)
+            written.pop(0)
+        if full is not None:
+            raise full
+    except BaseException:
+        for _, tmp in written:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return failed

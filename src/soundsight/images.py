@@ -116,17 +116,32 @@ def image_paths(
     return targets
 
 
-def _write_png(
-    targets: dict[str, Path], floor_db: float, size: int, cmap: str, path: str, db: np.ndarray
-) -> None:
-    target = targets[path]
-    image = spectrogram_image(db, floor_db, size, cmap)
-    write_whole(
-        target,
-        lambda file: image.save(file, format="PNG"),
-        temporary=target.with_name(f".{target.name}.{os.getpid()}.tmp"),
-        durable=False,
-    )
+def _write_pngs(
+    targets: dict[str, Path],
+    floor_db: float,
+    size: int,
+    cmap: str,
+    items: list[tuple[str, np.ndarray]],
+) -> dict[str, str]:
+    """Write each clip's PNG whole; returns the clips whose PNG could not be written.
+    Renamed into place whole, but not flushed to disk: a PNG is cheap to make again.
+    A full disk is raised."""
+    failed = {}
+    for path, db in items:
+        target = targets[path]
+        image = spectrogram_image(db, floor_db, size, cmap)
+        try:
+            write_whole(
+                target,
+                partial(image.save, format="PNG"),
+                temporary=target.with_name(f".{target.name}.{os.getpid()}.tmp"),
+                durable=False,
+            )
+        except OSError as err:
+            if is_disk_full(err):
+                raise
+            failed[path] = f"cannot write its output ({err})"
+    return failed
 
 
 def export_images(
@@ -167,7 +182,7 @@ def export_images(
     folders = label_folders(labels[labels.notna()].astype(str))
     targets = image_paths(table, out, folders)
     todo = [p for p, target in targets.items() if not target.exists()]
-    write = partial(_write_png, {p: targets[p] for p in todo}, config.floor_db, size, cmap)
+    write = partial(_write_pngs, {p: targets[p] for p in todo}, config.floor_db, size, cmap)
     report = JobReport(total=len(targets), skipped=len(targets) - len(todo))
     try:
         write_csv(

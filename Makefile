@@ -47,7 +47,7 @@ test-latest:
 	"$$venv/bin/python" -m pip list --format=freeze > "$$venv/versions.txt"; \
 	echo "test-latest: $$(wc -l < "$$venv/versions.txt") packages, e.g."; \
 	grep -iE '^(torch|timm|lightning|numpy|pytest|schemathesis)==' "$$venv/versions.txt"; \
-	"$$venv/bin/python" -m pytest -q
+	PATH="$$venv/bin:$$PATH" "$$venv/bin/python" -m pytest -q
 
 lint:
 	ruff check src tests benchmarks scripts && ruff format --check src tests benchmarks scripts

@@ -10,7 +10,7 @@ LOCK_CONSTRAINTS := requirements/constraints.txt
 .PHONY: install check-lock lock run test test-fast test-latest lint typecheck bench
 
 install: check-lock
-	$(PYTHON) -m pip install --quiet -c $(LOCK) -e '.[dev]'
+	$(PYTHON) -m pip install --quiet -c $(LOCK) -e '.[train,dev]'
 	@if [ -x scripts/install-system-deps.sh ]; then bash scripts/install-system-deps.sh; fi
 
 check-lock:
@@ -18,7 +18,7 @@ check-lock:
 
 # Re-resolve the lock against today's registry (runtime and dev extras), within the caps.
 lock:
-	uv pip compile pyproject.toml --extra dev --python-version 3.11 --upgrade \
+	uv pip compile pyproject.toml --all-extras --python-version 3.11 --upgrade \
 	    -c $(LOCK_CONSTRAINTS) -o $(LOCK)
 
 # The main job: prepare the FSDD features, export the blog-style images, then train on the
@@ -43,7 +43,7 @@ test-latest:
 	trap 'rm -rf "$$venv"' EXIT; \
 	$(PYTHON) -m venv "$$venv"; \
 	"$$venv/bin/python" -m pip install --quiet --upgrade pip; \
-	"$$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'; \
+	"$$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[train,dev]'; \
 	"$$venv/bin/python" -m pip list --format=freeze > "$$venv/versions.txt"; \
 	echo "test-latest: $$(wc -l < "$$venv/versions.txt") packages, e.g."; \
 	grep -iE '^(torch|timm|lightning|numpy|pytest|schemathesis)==' "$$venv/versions.txt"; \

@@ -312,36 +312,42 @@ class _Analyser:
         return self(data, name, top_k, image), waited
 
 
-#: glibc's ``mallopt`` parameter for the mmap threshold (``M_MMAP_THRESHOLD``, malloc.h).
+#: glibc's ``mallopt`` parameters (malloc.h): ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``.
 _M_MMAP_THRESHOLD = -3
-#: Buffers from this size up get pages of their own, unmapped as soon as they are freed.
-#: (4 MB was tried, to keep the network's activations off fresh pages: the server's CPU
-#: per request did not change, bench_serve.py 70.8 vs 71.9 ms p50, so the measured
-#: setting stays.)
-MMAP_THRESHOLD_BYTES = 256 * 1024
+_M_TRIM_THRESHOLD = -1
+#: Buffers from this size up (a near-limit upload) get pages of their own, unmapped as
+#: soon as they are freed. Smaller ones (decoded clips, the network's activations) are
+#: carved from the heaps, which keep up to :data:`TRIM_THRESHOLD_BYTES` free at their top.
+MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024
+TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
 
 
 def unmap_large_buffers() -> bool:
-    """Make glibc give every buffer of :data:`MMAP_THRESHOLD_BYTES` or more back to the
-    system when it is freed; process-wide, set by :func:`serve`. False where the C
-    library is not glibc (nothing is changed there).
+    """Fix glibc's mmap and trim thresholds (:data:`MMAP_THRESHOLD_BYTES`,
+    :data:`TRIM_THRESHOLD_BYTES`) for the process; set by :func:`serve`. False where the
+    C library is not glibc (nothing is changed there).
 
     Why by hand: glibc raises its mmap threshold to the size of the largest mapped
     buffer freed so far (up to 32 MB), so after the first 20 MB upload every later
-    upload, decoded clip and spectrogram of up to that size is carved from the threads'
-    heaps instead, and those heaps keep what was freed in them. Measured with
-    ``benchmarks/bench_hostile_serve.py`` (10 bursts of 8 concurrent 19.8 MB uploads),
-    the server's RSS grew by 142-148 MB from the first burst to the tenth and kept
-    rising; calling ``malloc_trim`` before each job did not help (+144 MB); a fixed
-    threshold (this) gave +0.6 MB, and 110 MB less RSS overall. Python exposes no
-    ``mallopt``; the ``MALLOC_MMAP_THRESHOLD_`` variable only works if set before the
-    process starts.
+    upload of up to that size is carved from the threads' heaps instead, and those
+    heaps keep what was freed in them: with ``benchmarks/bench_hostile_serve.py``
+    (10 bursts of 8 concurrent 19.8 MB uploads) the server's RSS grew by 142-148 MB
+    from the first burst to the tenth and kept rising; ``malloc_trim`` before each job
+    did not help. A fixed threshold stops that, but fixing one also fixes the trim
+    threshold at its 128 kB default, and a low mmap threshold maps the network's
+    activations afresh on every request: 256 kB cost 2,395 page faults per 5-s clip and
+    a munmap (a TLB shootdown across the worker threads) per activation, which took the
+    server's CPU per request from 0.032 s to 0.07 s. At 16 MB / 16 MB a clip costs no
+    page fault (measured in-process, as before the fix). Python exposes no ``mallopt``;
+    the ``MALLOC_*_`` variables only work if set before the process starts.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 class _WorkerPool:

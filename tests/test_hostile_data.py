@@ -96,16 +96,17 @@ def test_prepare_fails_a_clip_over_max_duration_from_its_header_without_decoding
     tmp_path, ten_hours, fsdd_clips, monkeypatch
 ):
     """Was: the 10-hour FLAC decoded whole (6 GB of samples), MemoryError at 8 GB."""
-    import soundsight.cache
+    import soundsight.audio
 
     decoded = []
+    decode = soundsight.audio._decode
 
-    def load_clip_short_only(path, *args, **kwargs):
-        assert Path(path) != ten_hours, "the 10-hour clip was decoded"
-        decoded.append(str(path))
-        return load_clip(path, *args, **kwargs)
+    def decode_short_only(clip, name, *args, **kwargs):
+        assert Path(name) != ten_hours, "the 10-hour clip was decoded"
+        decoded.append(str(name))
+        return decode(clip, name, *args, **kwargs)
 
-    monkeypatch.setattr(soundsight.cache, "load_clip", load_clip_short_only)
+    monkeypatch.setattr(soundsight.audio, "_decode", decode_short_only)
     good = [str(p) for p in fsdd_clips[:4]]
     cache, report = prepare([*good, ten_hours], tmp_path, SMALL, workers=0, progress=False)
     reason = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +94,31 @@ def read_header(path: str | os.PathLike) -> ClipHeader:
         As :func:`load_clip`, for a file that cannot be opened as audio.
     """
     with _open(path) as clip:
-        frames, rate, channels, log = clip.frames, clip.samplerate, clip.channels, clip.extra_info
+        return _header(clip)
+
+
+def read_clip(
+    path: str | os.PathLike,
+    sample_rate: int,
+    max_duration: float | None = None,
+    refuse: Callable[[ClipHeader], str | None] | None = None,
+) -> tuple[np.ndarray, ClipHeader]:
+    """:func:`load_clip` and :func:`read_header` with the file opened once.
+
+    ``refuse(header)``, when given, is asked before anything is decoded: a reason it
+    returns is raised as an :class:`AudioError` (say, a recording too long to decode
+    whole). Returns the waveform and the header.
+    """
+    with _open(path) as clip:
+        header = _header(clip)
+        reason = refuse(header) if refuse is not None else None
+        if reason is not None:
+            raise AudioError(path, reason)
+        return _decode(clip, path, sample_rate, max_duration), header
+
+
+def _header(clip: sf.SoundFile) -> ClipHeader:
+    frames, rate, channels, log = clip.frames, clip.samplerate, clip.channels, clip.extra_info
     duration = frames / rate
     truncated = None
     # libsndfile reads what a truncated WAV/AIFF holds and notes the shortfall only in

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .audio import AudioError, load_clip, read_header
+from .audio import AudioError, ClipHeader, read_clip
 from .config import config_from_dict, config_to_dict
 from .errors import ConfigError, SoundsightError
 from .features import LOG_MEL_DTYPE, FeatureConfig, Featuriser
@@ -271,14 +271,16 @@ def featurise_clips(
             yield path, row, None, len(wave) / config.sample_rate, warning
         pending.clear()
 
+    def refuse(header: ClipHeader) -> str | None:
+        if max_duration is not None and header.duration > max_duration:
+            return _too_long(header.duration, max_duration)
+        return None
+
     for path in paths:
         try:
-            header = read_header(path)
-            if max_duration is not None and header.duration > max_duration:
-                raise AudioError(path, _too_long(header.duration, max_duration))
             # The header's length bounds the read too: a header that understates the
             # length (a damaged file) cannot make this clip grow past the limit.
-            wave = load_clip(path, config.sample_rate, max_duration)
+            wave, header = read_clip(path, config.sample_rate, max_duration, refuse)
         except AudioError as err:
             yield path, None, err.reason, 0.0, None
             continue

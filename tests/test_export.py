@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from soundsight.config import FeatureConfig, ModelConfig
 from soundsight.export import (
     ExportError,
     calibration_clips,
@@ -19,7 +20,8 @@ from soundsight.export import (
     quantize,
     validation_clips,
 )
-from soundsight.modelfile import ModelSpec, read_spec
+from soundsight.modelfile import ModelSpec, read_spec, save_model_file
+from soundsight.models import SoundNet
 from soundsight.prediction import Classifier, score_windows
 from soundsight.runtime import INPUT_KEY, LABELS_KEY, SPEC_KEY, OnnxClassifier
 
@@ -157,3 +159,32 @@ def test_cli_export_and_predict_give_the_torch_csv(run_cli, tiny_model, tmp_path
         assert code == 0, err
         rows[runtime] = csv.read_text()
     assert rows["onnx"] == rows["torch"]
+
+
+@pytest.mark.parametrize(
+    ("features", "model"),
+    [
+        # The blog's squash mode, grey channels.
+        (FeatureConfig(), ModelConfig(weights="none", encoding="grey", image_size=64)),
+        # Another rate, an STFT whose half window is no multiple of the hop, no clipping,
+        # upsampled viridis crops.
+        (
+            FeatureConfig(sample_rate=16000, n_fft=400, hop_length=160, n_mels=64, top_db=None),
+            ModelConfig(weights="none", encoding="viridis", crop_seconds=1.0, input_scale=1.5),
+        ),
+    ],
+    ids=["squash-grey", "16k-viridis-scaled"],
+)
+def test_other_views_and_features_export_exactly(features, model, tmp_path, esc_clips, fsdd_clips):
+    labels = tuple(f"class {i}" for i in range(4))
+    net = SoundNet(model, len(labels), features.floor_db, pretrained=False)
+    path = save_model_file(tmp_path / "model.safetensors", net, ModelSpec(labels, features, model))
+    classifier = Classifier.load(path)
+    session = ort.InferenceSession(
+        str(export_onnx(path, tmp_path / "model.onnx")), providers=["CPUExecutionProvider"]
+    )
+    for clip in (fsdd_clips[0], esc_clips[0]):
+        wave = classifier.featurise.waveform(clip)
+        windows, _ = session.run(None, {"waveform": wave})
+        expected = next(score_windows(classifier.net, [classifier.windows(wave)]))[0]
+        assert np.abs(windows.mean(0) - expected).max() <= TOLERANCE

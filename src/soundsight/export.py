@@ -104,10 +104,8 @@ class WaveformGraph(torch.nn.Module):
         """:meth:`ClipView.windows` of a log-mel, ``(k, 1, n_mels, frames)``."""
         view = self.view
         if view.size is not None:
-            image = torch.nn.functional.interpolate(
-                db[None, None], size=(view.size, view.size), mode="bilinear"
-            )
-            return image
+            size = (view.size, view.size)
+            return torch.nn.functional.interpolate(db[None, None], size=size, mode="bilinear")
         width = view.frames
         assert width is not None
         length = db.shape[1]
@@ -199,6 +197,7 @@ def export_onnx(
         raise ExportError(f"opset {opset} has no STFT operator: use {MIN_OPSET} or later")
     classifier = Classifier.load(model)
     spec, net = classifier.spec, classifier.net.eval()
+    # Channels-last strides are a torch-on-CPU speed-up; ONNX Runtime picks its own.
     net.backbone.to(memory_format=torch.contiguous_format)
     if input == "waveform":
         graph: torch.nn.Module = WaveformGraph(net, spec).eval()

@@ -63,7 +63,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .audio import AudioError, decode_bytes
 from .errors import ConfigError
-from .runtime import ClipScorer, load_classifier
+from .runtime import MAX_SECONDS, ClipScorer, OnnxClassifier, load_classifier
 
 #: Largest multipart envelope (boundaries, part headers) allowed on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -808,6 +808,11 @@ def load_for_serving(
     ``settings.torch_threads`` threads per inference, and warm it up (the first
     inference allocates and picks kernels; it should not land on the first client)."""
     classifier = load_classifier(model_path, runtime, settings.torch_threads)
+    if isinstance(classifier, OnnxClassifier) and settings.max_duration > MAX_SECONDS:
+        raise ConfigError(
+            f"--max-duration {settings.max_duration:g} s: the ONNX runtime scores clips of "
+            f"up to {MAX_SECONDS:g} s (use --runtime torch for longer)"
+        )
     classifier.analyse(np.zeros(classifier.features.sample_rate, np.float32))
     return classifier
 

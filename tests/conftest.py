@@ -224,6 +224,15 @@ def tiny_model(tmp_path_factory, fsdd_dir: Path) -> Path:
     return result.model_path
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_model: Path) -> Path:
+    """:func:`tiny_model` exported by ``soundsight export`` (front end in the graph),
+    once per session; read-only."""
+    from soundsight.export import export_onnx
+
+    return export_onnx(tiny_model, tmp_path_factory.mktemp("tiny_onnx") / "model.onnx")
+
+
 #: Debian's Chromium (scripts/install-system-deps.sh); Playwright drives it, never its
 #: own downloaded browser. The flags keep it from reaching for the network.
 CHROMIUM = Path("/usr/bin/chromium")
@@ -277,5 +286,6 @@ def pytest_collection_modifyitems(config, items):
     """Mark every test that trains (a training module, or one that needs the session's
     tiny model) as ``slow``: ``make test-fast`` runs the rest, for the inner loop."""
     for item in items:
-        if item.module.__name__ in TRAINING_MODULES or "tiny_model" in item.fixturenames:
+        needs_model = {"tiny_model", "tiny_onnx"} & set(item.fixturenames)
+        if item.module.__name__ in TRAINING_MODULES or needs_model:
             item.add_marker(pytest.mark.slow)

@@ -312,9 +312,9 @@ class GatedClassifier:
     def __getattr__(self, name):
         return getattr(self._classifier, name)
 
-    def log_mel(self, *args, **kwargs):
+    def analyse(self, *args, **kwargs):
         assert self.release.wait(60), "test never released the gate"
-        return self._classifier.log_mel(*args, **kwargs)
+        return self._classifier.analyse(*args, **kwargs)
 
 
 def test_full_queue_answers_503_and_admits_no_more(classifier, fsdd_clips):
@@ -534,14 +534,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_server(tiny_model, tmp_path_factory):
-    """``soundsight serve`` in a subprocess on a free loopback port; its base URL."""
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def live_server(request, tiny_model, tmp_path_factory):
+    """``soundsight serve`` in a subprocess on a free loopback port, with each runtime
+    (the model file, or its export with ``--runtime onnx``); its base URL."""
+    model = tiny_model if request.param == "torch" else request.getfixturevalue("tiny_onnx")
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = ["serve", str(model), "--port", str(port), "--runtime", request.param]
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "soundsight.cli", "serve", str(tiny_model), "--port", str(port)],
+            [sys.executable, "-m", "soundsight.cli", *command],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -365,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .layouts import DatasetError, audio_files, load_dataset
-    from .prediction import Classifier, submission
+    from .runtime import OnnxClassifier, load_classifier, submission
     from .tables import write_csv
 
     if args.data:
@@ -376,8 +376,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             warnings.warn(f"skipped {path}: {reason}", stacklevel=1)
     if not paths:
         raise DatasetError(f"no audio files in {', '.join(args.paths or [args.data])}")
-    classifier = Classifier.load(args.model)
-    frame, failures = classifier.predict_files(paths, workers=args.workers)
+    classifier = load_classifier(args.model, args.runtime, args.threads)
+    if isinstance(classifier, OnnxClassifier):
+        frame, failures = classifier.predict_files(paths)
+    else:
+        frame, failures = classifier.predict_files(paths, workers=args.workers)
     root = args.data or (args.paths[0] if len(args.paths) == 1 else None)
     result = submission(frame, classifier.labels, args.top_k, root=root)
     if args.out:
@@ -413,7 +416,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file not found: {args.model}")
-    serve(args.model, args.host, args.port, settings, access_log=not args.no_access_log)
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        settings,
+        access_log=not args.no_access_log,
+        runtime=args.runtime,
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .export import export_onnx, quantize
+
+    if args.calibration and args.quantize != "static":
+        raise SoundsightError("--calibration is for --quantize static")
+    if args.quantize and args.input != "waveform":
+        raise SoundsightError("--quantize needs --input waveform (the runtime's files)")
+    if not args.quantize:
+        export_onnx(args.model, args.out, args.input, args.opset)
+        print(f"ONNX model ({args.input} in) written to {args.out}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="soundsight-export-") as scratch:
+        fp32 = export_onnx(args.model, Path(scratch) / "fp32.onnx", args.input, args.opset)
+        before, after = quantize(
+            args.model, fp32, args.out, args.quantize, args.calibration, args.force
+        )
+    if before is not None and after is not None:
+        print(f"validation accuracy: fp32 {before:.2f}%, int8 {after:.2f}%")
+    print(f"int8 ({args.quantize}) ONNX model written to {args.out}")
     return 0
 
 
@@ -516,7 +550,7 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
 def _args_predict(p: argparse.ArgumentParser) -> None:
     from .layouts import LAYOUTS
 
-    p.add_argument("model", help="model file (model.safetensors)")
+    p.add_argument("model", help="model file (model.safetensors or an exported .onnx)")
     p.add_argument("paths", nargs="*", help="audio files or folders")
     p.add_argument("--data", help="predict a dataset's clips instead (see --split)")
     p.add_argument("--layout", choices=sorted(LAYOUTS), help="layout of --data")
@@ -525,10 +559,23 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="CSV file for fname,label (default: print)")
     p.add_argument("--probabilities", help="also write per-class probabilities to this CSV")
     _add_workers(p)
+    _add_runtime(p)
+    p.add_argument(
+        "--threads", type=int, help="inference threads (default: torch's, or one per core)"
+    )
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=("onnx", "torch"),
+        help="onnx (ONNX Runtime, an exported .onnx file; no torch needed) or torch "
+        "(model.safetensors); default: onnx for a .onnx MODEL, else torch",
+    )
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file (model.safetensors)")
+    p.add_argument("model", help="model file (model.safetensors or an exported .onnx)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -554,7 +601,8 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
         "--torch-threads",
         type=int,
         default=1,
-        help="torch threads per inference (default 1; 0 = torch's default)",
+        help="threads per inference, torch's or ONNX Runtime's (default 1; 0 = the "
+        "runtime's default)",
     )
     p.add_argument(
         "--allowed-host",
@@ -563,6 +611,29 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
         "default: the loopback names and the --host address",
     )
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    _add_runtime(p)
+
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file (model.safetensors)")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="file format (onnx)")
+    p.add_argument("--out", required=True, help="file to write (model.onnx)")
+    p.add_argument(
+        "--input",
+        choices=("waveform", "log-mel"),
+        default="waveform",
+        help="waveform: the whole front end in the graph, samples in (what predict and "
+        "serve run); log-mel: the network only, log-mel windows in (default waveform)",
+    )
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or later (default 18)")
+    p.add_argument(
+        "--quantize",
+        choices=("dynamic", "static"),
+        help="also make it int8 (convolutions and head); refused if it costs more than "
+        "1 point of validation accuracy",
+    )
+    p.add_argument("--calibration", help="folder of clips to calibrate --quantize static on")
+    p.add_argument("--force", action="store_true", help="write the int8 file whatever its accuracy")
 
 
 def _args_show_batch(p: argparse.ArgumentParser) -> None:
@@ -651,6 +722,16 @@ COMMANDS = (
         "spectrogram and labels. Binds to loopback unless --host says otherwise.",
         _args_serve,
         cmd_serve,
+    ),
+    Command(
+        "export",
+        "export a model to ONNX for the torch-free runtime",
+        "Write MODEL as an ONNX file: by default the whole path from a clip's samples "
+        "to its windows' probabilities (STFT, mel, dB, windows, colour map, network), "
+        "with the labels and feature config in its metadata, so that `predict` and "
+        "`serve` run it with ONNX Runtime alone (no torch). Optionally int8.",
+        _args_export,
+        cmd_export,
     ),
     Command(
         "show-batch",

@@ -6,9 +6,9 @@ input encoding, so :class:`Classifier` rebuilds the exact pipeline that trained 
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -19,12 +19,13 @@ from tqdm.auto import tqdm
 from .audio import AudioError, clip_duration
 from .cache import DEFAULT_CACHE, prepare
 from .data import ClipView
-from .errors import ConfigError
 from .evaluation import score
 from .features import Clip, Featuriser, flush_denormals
 from .layouts import DatasetError
 from .modelfile import ModelSpec, check_fits, read_model_file
 from .models import SoundNet, fold_batch_norms, window_scores
+from .runtime import submission as submission  # with the torch-free runtime: one CSV
+from .runtime import top_labels
 
 #: Windows scored per forward pass on a CPU. Small batches win (activations stay in
 #: cache): on ESC-50 (2 windows per clip, 2 cores) 4 windows gave 75 clips/s, 2 gave 61,
@@ -184,10 +185,21 @@ class Classifier:
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` most probable (label, probability) pairs, best first."""
-        if k < 1:
-            raise ConfigError(f"top_k must be at least 1, got {k}")
-        order = np.argsort(-probabilities)[:k]
-        return [(self.labels[i], float(probabilities[i])) for i in order]
+        return top_labels(self.labels, probabilities, k)
+
+    def analyse(self, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
+        """A clip's probabilities and its log-mel (:class:`~soundsight.runtime.ClipScorer`,
+        what the server asks of either runtime)."""
+        db = self.log_mel(clip)
+        return self.probabilities([db])[0], db
+
+    def spectrogram_png(self, db: np.ndarray) -> bytes:
+        """The page's picture of a log-mel, as PNG bytes."""
+        from .images import spectrogram_image
+
+        png = io.BytesIO()
+        spectrogram_image(db, self.features.floor_db, size=None).save(png, format="PNG")
+        return png.getvalue()
 
     def predict(self, clip: Clip, top_k: int = 3) -> list[tuple[str, float]]:
         """The ``top_k`` (label, probability) pairs for one clip (path, bytes or waveform)."""
@@ -264,37 +276,6 @@ class _DecodedClips(torch.utils.data.Dataset):
 
 #: Marks a recording that :meth:`Classifier.windows` reads in blocks.
 _LONG = "long recording"
-
-
-def submission(
-    frame: pd.DataFrame,
-    labels: Sequence[str],
-    top_k: int = 3,
-    root: str | os.PathLike | None = None,
-) -> pd.DataFrame:
-    """The Kaggle submission format, ``fname`` and the ``top_k`` labels space-separated,
-    plus ``path``: the file relative to ``root`` (where it lies below it), since two
-    folders may hold files of the same name."""
-    if top_k < 1:
-        raise ConfigError(f"top_k must be at least 1, got {top_k}")
-    probabilities = frame[list(labels)].to_numpy()
-    top = np.argsort(-probabilities, axis=1)[:, :top_k]
-    return pd.DataFrame(
-        {
-            "fname": [Path(p).name for p in frame["path"]],
-            "label": [" ".join(labels[i].replace(" ", "_") for i in row) for row in top],
-            "path": [_relative(p, root) for p in frame["path"]],
-        }
-    )
-
-
-def _relative(path: str, root: str | os.PathLike | None) -> str:
-    if root is None:
-        return str(path)
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def evaluate(

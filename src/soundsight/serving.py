@@ -63,8 +63,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .audio import AudioError, decode_bytes
 from .errors import ConfigError
-from .images import spectrogram_image
-from .prediction import Classifier
+from .runtime import MAX_SECONDS, ClipScorer, OnnxClassifier, load_classifier
 
 #: Largest multipart envelope (boundaries, part headers) allowed on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -92,8 +91,9 @@ class ServeConfig:
     top_k : int
         Labels returned when the request does not say (``?top_k=``).
     torch_threads : int or None
-        Intra-op threads torch uses per inference, set process-wide by :func:`serve`
-        (None leaves torch's default). One per worker thread avoids oversubscribing the
+        Intra-op threads per inference: torch's, set process-wide by :func:`serve`
+        (None leaves torch's default), or the ONNX runtime's session (None: one per
+        core). One per worker thread avoids oversubscribing the
         cores: with two workers on two busy cores, torch's own pool of 2 made each
         inference ~40x slower here than 1 thread did.
     header_timeout : float
@@ -265,7 +265,7 @@ def _clip_seconds(data: bytes) -> float | None:
 class _Analyser:
     """Decoding and scoring one upload; runs in a worker thread."""
 
-    def __init__(self, classifier: Classifier, settings: ServeConfig):
+    def __init__(self, classifier: ClipScorer, settings: ServeConfig):
         self.classifier, self.settings = classifier, settings
 
     def __call__(self, data: bytes, name: str, top_k: int, image: bool) -> dict[str, Any]:
@@ -280,8 +280,7 @@ class _Analyser:
         # Decoding stopped at the limit; a clip that reached it is taken as longer when its
         # header gives no length (MP3 may not).
         truncated = whole > limit + 1e-3 if whole is not None else analysed >= limit - 1e-3
-        db = clf.log_mel(wave)
-        probabilities = clf.probabilities([db])[0]
+        probabilities, db = clf.analyse(wave)
         result: dict[str, Any] = {
             "filename": name,
             "predictions": [
@@ -298,9 +297,7 @@ class _Analyser:
             length = f"{whole:.1f} s long" if whole is not None else "longer than that"
             result["notice"] = f"clip is {length}; analysed its first {limit:g} s only"
         if image:
-            png = io.BytesIO()
-            spectrogram_image(db, clf.features.floor_db, size=None).save(png, format="PNG")
-            result["spectrogram_png"] = base64.b64encode(png.getvalue()).decode("ascii")
+            result["spectrogram_png"] = base64.b64encode(clf.spectrogram_png(db)).decode("ascii")
         result["processing_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return result
 
@@ -375,11 +372,12 @@ class _WorkerPool:
 
 
 def _init_worker() -> None:
-    import torch
-
     # Denormal floats make convolutions many times slower on x86; the flag is
-    # per-thread, so each worker sets it (as training and the feature cache do).
-    torch.set_flush_denormal(True)
+    # per-thread, so each worker sets it (as training and the feature cache do). Only
+    # for the torch runtime: ONNX Runtime flushes them itself (runtime.session_options).
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(True)
 
 
 def _audio_error(err: AudioError, data: bytes, name: str) -> ApiError:
@@ -576,13 +574,15 @@ ERROR_HEADERS = {
 
 
 def create_app(
-    classifier: Classifier, settings: ServeConfig | None = None, model_name: str = "model"
+    classifier: ClipScorer, settings: ServeConfig | None = None, model_name: str = "model"
 ) -> FastAPI:
     """The HTTP app serving ``classifier`` (loaded once, shared by all requests).
 
     Parameters
     ----------
-    classifier : Classifier
+    classifier : ClipScorer
+        Either runtime's classifier (:class:`~soundsight.prediction.Classifier` or
+        :class:`~soundsight.runtime.OnnxClassifier`).
         The model; its labels are what ``/labels`` lists.
     settings : ServeConfig, optional
         Limits; ``settings.allowed_hosts`` None accepts the loopback names only.
@@ -806,16 +806,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_for_serving(model_path: str | os.PathLike, settings: ServeConfig) -> Classifier:
-    """Load the model once, set torch's threads and warm it up (the first inference
-    allocates and picks kernels; it should not land on the first client)."""
-    import torch
-
-    if settings.torch_threads is not None:
-        torch.set_num_threads(settings.torch_threads)
-    classifier = Classifier.load(model_path)
-    silence = np.zeros(classifier.features.sample_rate, np.float32)
-    classifier.probabilities([classifier.log_mel(silence)])
+def load_for_serving(
+    model_path: str | os.PathLike, settings: ServeConfig, runtime: str | None = None
+) -> ClipScorer:
+    """Load the model once in ``runtime`` (``onnx``, ``torch``, or None: ``onnx`` for a
+    ``.onnx`` file; see :func:`~soundsight.runtime.load_classifier`) with
+    ``settings.torch_threads`` threads per inference, and warm it up (the first
+    inference allocates and picks kernels; it should not land on the first client)."""
+    classifier = load_classifier(model_path, runtime, settings.torch_threads)
+    if isinstance(classifier, OnnxClassifier) and settings.max_duration > MAX_SECONDS:
+        raise ConfigError(
+            f"--max-duration {settings.max_duration:g} s: the ONNX runtime scores clips of "
+            f"up to {MAX_SECONDS:g} s (use --runtime torch for longer)"
+        )
+    classifier.analyse(np.zeros(classifier.features.sample_rate, np.float32))
     return classifier
 
 
@@ -901,8 +905,10 @@ def serve(
     settings: ServeConfig | None = None,
     log_level: str = "info",
     access_log: bool = True,
+    runtime: str | None = None,
 ) -> None:
-    """Load ``model_path`` and serve it with uvicorn until interrupted.
+    """Load ``model_path`` in ``runtime`` (see :func:`load_for_serving`) and serve it
+    with uvicorn until interrupted.
 
     Raises
     ------
@@ -919,5 +925,6 @@ def serve(
             "the API has no authentication",
             file=sys.stderr,
         )
-    app = create_app(load_for_serving(model_path, settings), settings, Path(model_path).name)
+    classifier = load_for_serving(model_path, settings, runtime)
+    app = create_app(classifier, settings, Path(model_path).name)
     uvicorn.Server(uvicorn_config(app, host, port, settings, log_level, access_log)).run()

@@ -1,0 +1,379 @@
+"""The torch-free prediction runtime: an exported ``.onnx`` model run by ONNX Runtime.
+
+:class:`OnnxClassifier` answers as :class:`soundsight.prediction.Classifier` does
+(``predict``, ``top``, ``clip_probabilities``, ``analyse``, ``predict_files`` and the
+same CSV through :func:`submission`), from a file written by ``soundsight export``
+with the front end inside the graph (see :mod:`soundsight.export`). It needs numpy,
+soundfile, soxr (through :mod:`soundsight.audio`) and onnxruntime only: nothing here
+or in what it imports loads torch, timm, Lightning, librosa, matplotlib or sklearn, so
+the base install (no ``train`` extra) predicts and serves.
+
+:class:`ClipScorer` is what the server needs of a classifier; both runtimes have it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .audio import AudioError, clip_duration, decode_bytes, load_clip
+from .errors import ConfigError
+from .modelfile import ModelFileError, ModelSpec
+
+if TYPE_CHECKING:
+    from .config import FeatureConfig
+
+#: ``metadata_props`` keys of an exported file (written by :mod:`soundsight.export`).
+SPEC_KEY = "soundsight"  # the ModelSpec JSON (modelfile.ModelSpec.to_json)
+LABELS_KEY = "soundsight.labels"  # the labels as a JSON list, for tools that want only them
+INPUT_KEY = "soundsight.input"  # "waveform" or "log-mel"
+QUANTIZATION_KEY = "soundsight.quantization"  # "none", "dynamic" or "static"
+PALETTE_KEY = "soundsight.palette"  # the page's colour map: 256 RGB triples, as JSON
+#: A clip as callers hold it: a file path, encoded bytes (an upload), or a mono float32
+#: waveform at the model's sample rate (``features.Clip``, which module imports torch).
+AnyClip = str | os.PathLike | bytes | np.ndarray
+#: Longest recording (seconds, from its header) the runtime scores: the graph holds a
+#: clip's log-mel and all its windows at once, so this bounds its memory (about 0.2 GB
+#: for 120 s of 3-s windows); the torch runtime streams longer ones.
+MAX_SECONDS = 120.0
+#: Clips decoded ahead of the one being scored (decoding overlaps ONNX Runtime's work).
+PREFETCH = 2
+
+
+class ClipScorer(Protocol):
+    """What the server needs of a classifier (both runtimes have it)."""
+
+    labels: list[str]
+    features: FeatureConfig
+
+    def analyse(self, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A mono waveform at ``features.sample_rate`` -> (probabilities, log-mel)."""
+        ...
+
+    def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]: ...
+
+    def spectrogram_png(self, db: np.ndarray) -> bytes:
+        """The page's picture of a log-mel from :meth:`analyse`, as PNG bytes."""
+        ...
+
+
+def top_labels(
+    labels: Sequence[str], probabilities: np.ndarray, k: int = 3
+) -> list[tuple[str, float]]:
+    """The ``k`` most probable (label, probability) pairs, best first."""
+    if k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {k}")
+    order = np.argsort(-probabilities)[:k]
+    return [(labels[i], float(probabilities[i])) for i in order]
+
+
+def submission(
+    frame: pd.DataFrame,
+    labels: Sequence[str],
+    top_k: int = 3,
+    root: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """The Kaggle submission format, ``fname`` and the ``top_k`` labels space-separated,
+    plus ``path``: the file relative to ``root`` (where it lies below it), since two
+    folders may hold files of the same name."""
+    if top_k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {top_k}")
+    probabilities = frame[list(labels)].to_numpy()
+    top = np.argsort(-probabilities, axis=1)[:, :top_k]
+    return pd.DataFrame(
+        {
+            "fname": [Path(p).name for p in frame["path"]],
+            "label": [" ".join(labels[i].replace(" ", "_") for i in row) for row in top],
+            "path": [_relative(p, root) for p in frame["path"]],
+        }
+    )
+
+
+def _relative(path: str, root: str | os.PathLike | None) -> str:
+    if root is None:
+        return str(path)
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an ONNX file (by its suffix), which the ONNX runtime runs."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def session_options(threads: int | None = None):
+    """ONNX Runtime settings for CPU inference: ``threads`` intra-op threads (None: one
+    per core), one inter-op thread (the graph is a chain), subnormals flushed to zero
+    (silent stretches give them; each op on them is about five times slower)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    options.log_severity_level = 3  # errors only: the load failures below say more
+    return options
+
+
+def _open_session(path: Path, threads: int | None):
+    """An ONNX Runtime session of ``path``; :class:`ModelFileError` for files it cannot
+    run, naming the opsets it can where the file needs another."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(
+            str(path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        message = str(err)
+        if "opset" not in message.lower():
+            raise ModelFileError(
+                f"{path}: not an ONNX model ONNX Runtime loads ({message})"
+            ) from None
+        # onnxruntime states its range only in this message ("... is till opset 23.").
+        needed = re.search(r"[Oo]pset (\d+) is", message)
+        newest = re.search(r"till opset (\d+)", message)
+        works = f"17 to {newest[1]}" if newest else "17 and up, as far as this onnxruntime goes"
+        raise ModelFileError(
+            f"{path}: needs ONNX opset {needed[1] if needed else '(see below)'}, which "
+            f"onnxruntime {ort.__version__} lacks; it runs soundsight exports of opsets "
+            f"{works}: export again with --opset, or upgrade onnxruntime ({message.strip()})"
+        ) from None
+
+
+class OnnxClassifier:
+    """A model exported by ``soundsight export`` (front end in the graph), ready to
+    label clips with ONNX Runtime.
+
+    Examples
+    --------
+    >>> clf = OnnxClassifier.load("model.onnx")
+    >>> clf.predict("7_theo_3.wav", top_k=3)
+    [('7', 0.98), ('1', 0.01), ('9', 0.003)]
+    """
+
+    def __init__(self, session, spec: ModelSpec, palette: np.ndarray, source: Path):
+        self.session = session
+        self.spec = spec
+        self.labels = list(spec.labels)
+        self.features = spec.features
+        self.palette = palette
+        self.source = source
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int | None = None) -> OnnxClassifier:
+        """Open an exported ``.onnx`` file with ``threads`` intra-op threads (None: one
+        per core).
+
+        Raises
+        ------
+        ModelFileError
+            Not a file, not ONNX, an opset the installed runtime lacks, no soundsight
+            metadata, a metadata field out of range, or a graph without the front end.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: model file not found")
+        session = _open_session(path, threads)
+        metadata = session.get_modelmeta().custom_metadata_map
+        if SPEC_KEY not in metadata:
+            raise ModelFileError(
+                f"{path}: an ONNX model, but not one soundsight exported (no "
+                f"{SPEC_KEY!r} metadata with its labels and features)"
+            )
+        spec = ModelSpec.from_json(metadata[SPEC_KEY], path)
+        if metadata.get(INPUT_KEY) != "waveform":
+            raise ModelFileError(
+                f"{path}: exported with --input {metadata.get(INPUT_KEY)}: the graph "
+                "takes log-mel windows; the runtime needs the front end in the graph "
+                "(soundsight export MODEL --input waveform)"
+            )
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if inputs != ["waveform"] or outputs[:2] != ["probabilities", "log_mel"]:
+            raise ModelFileError(
+                f"{path}: graph takes {inputs} and gives {outputs}, not "
+                "waveform -> probabilities, log_mel"
+            )
+        try:
+            palette = np.asarray(json.loads(metadata[PALETTE_KEY]), np.uint8).reshape(256, 3)
+        except (KeyError, ValueError, TypeError):
+            raise ModelFileError(f"{path}: metadata {PALETTE_KEY!r} is not 256 colours") from None
+        return cls(session, spec, palette, path)
+
+    @property
+    def quantization(self) -> str:
+        """``none`` (fp32), ``dynamic`` or ``static`` (int8)."""
+        return self.session.get_modelmeta().custom_metadata_map.get(QUANTIZATION_KEY, "none")
+
+    def waveform(self, clip: AnyClip) -> np.ndarray:
+        """The clip as a mono float32 waveform at the model's sample rate: a file path
+        (refused past :data:`MAX_SECONDS` from its header, before decoding), encoded
+        bytes, or samples."""
+        rate = self.features.sample_rate
+        if isinstance(clip, bytes):
+            wave, source = decode_bytes(clip, rate), "<upload>"
+        elif isinstance(clip, np.ndarray):
+            wave, source = np.ascontiguousarray(clip, np.float32), "<waveform>"
+        else:
+            seconds = clip_duration(clip)
+            if seconds > MAX_SECONDS:
+                raise _too_long(clip, seconds)
+            wave, source = load_clip(clip, rate), str(clip)
+        if wave.ndim != 1 or not len(wave):
+            raise AudioError(source, f"a waveform is a non-empty 1-D array, not {wave.shape}")
+        if len(wave) > MAX_SECONDS * rate:
+            raise _too_long(source, len(wave) / rate)
+        return wave
+
+    def window_probabilities(self, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each evaluation window's probabilities ``(windows, labels)`` and the log-mel
+        of a waveform from :meth:`waveform`: one run of the graph."""
+        probabilities, db = self.session.run(["probabilities", "log_mel"], {"waveform": wave})
+        return probabilities, db
+
+    def analyse(self, clip: AnyClip) -> tuple[np.ndarray, np.ndarray]:
+        """A clip's probabilities (the mean over its windows) and its log-mel."""
+        probabilities, db = self.window_probabilities(self.waveform(clip))
+        return probabilities.mean(0), db
+
+    def clip_probabilities(self, clip: AnyClip) -> np.ndarray:
+        """Class probabilities of one clip (path, bytes or waveform), windows averaged."""
+        return self.analyse(clip)[0]
+
+    def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` most probable (label, probability) pairs, best first."""
+        return top_labels(self.labels, probabilities, k)
+
+    def predict(self, clip: AnyClip, top_k: int = 3):
+        """The ``top_k`` (label, probability) pairs for one clip (path, bytes or waveform)."""
+        return self.top(self.clip_probabilities(clip), top_k)
+
+    def spectrogram_png(self, db: np.ndarray) -> bytes:
+        """The page's picture of a log-mel: the colour map of the feature cache's
+        images (``images.spectrogram_image``, unresized), low frequencies at the bottom."""
+        floor = np.float32(self.features.floor_db)
+        # features.colour_index's binning (that module imports torch).
+        scaled = np.clip(1.0 - db.astype(np.float32) / floor, 0.0, 1.0)
+        index = np.minimum(scaled[::-1] * np.float32(256), 255).astype(np.uint8)
+        return palette_png(index, self.palette)
+
+    def predict_files(
+        self, paths: Sequence[str | os.PathLike], progress: bool = True
+    ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+        """Probabilities for many files, decoded ahead in a thread (soundfile and soxr
+        release the GIL) while ONNX Runtime scores the one before.
+
+        Returns a frame (``path`` then one column per label) and the files that could
+        not be read, as ``(path, reason)``; one bad file never stops the rest.
+        """
+        rows: list[np.ndarray] = []
+        kept: list[str] = []
+        failures: list[tuple[str, str]] = []
+        with tqdm(total=len(paths), desc="predict", unit="clip", disable=not progress) as bar:
+            for path, wave in self._decoded([str(p) for p in paths]):
+                bar.update(1)
+                if isinstance(wave, str):
+                    failures.append((path, wave))
+                    continue
+                rows.append(self.window_probabilities(wave)[0].mean(0))
+                kept.append(path)
+        frame = pd.DataFrame(
+            np.stack(rows) if rows else np.zeros((0, len(self.labels)), np.float32),
+            columns=self.labels,
+        )
+        frame.insert(0, "path", kept)
+        return frame, failures
+
+    def _decoded(self, paths: list[str]) -> Iterator[tuple[str, np.ndarray | str]]:
+        """Each path with its waveform, or the reason it has none; at most
+        :data:`PREFETCH` clips decoded ahead (memory stays bounded)."""
+
+        def decode(path: str) -> np.ndarray | str:
+            try:
+                return self.waveform(path)
+            except AudioError as err:
+                return err.reason
+
+        with ThreadPoolExecutor(1, thread_name_prefix="soundsight-decode") as pool:
+            ahead = [pool.submit(decode, p) for p in paths[:PREFETCH]]
+            for number, path in enumerate(paths):
+                wave = ahead.pop(0).result()
+                if number + PREFETCH < len(paths):
+                    ahead.append(pool.submit(decode, paths[number + PREFETCH]))
+                yield path, wave
+
+
+def _too_long(source: str | os.PathLike, seconds: float) -> AudioError:
+    return AudioError(
+        source,
+        f"{seconds:.0f} s long; the ONNX runtime scores recordings of up to {MAX_SECONDS:g} s "
+        "(split it, or use --runtime torch, which streams)",
+    )
+
+
+def palette_png(index: np.ndarray, palette: np.ndarray) -> bytes:
+    """A palette PNG (colour type 3, 8 bits) of an index image ``(rows, columns)``.
+
+    Written with zlib by hand because Pillow is not part of the runtime install; the
+    format is a signature and three chunks (PNG specification, section 5 and 11)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    rows, columns = index.shape
+    # Width, height, 8 bits per index, colour type 3 (palette), default methods.
+    header = columns.to_bytes(4, "big") + rows.to_bytes(4, "big") + bytes([8, 3, 0, 0, 0])
+    # Each row starts with filter type 0 (none).
+    raw = np.hstack([np.zeros((rows, 1), np.uint8), np.ascontiguousarray(index, np.uint8)])
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            chunk(b"IHDR", header),
+            chunk(b"PLTE", np.ascontiguousarray(palette, np.uint8).tobytes()),
+            chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)),
+            chunk(b"IEND", b""),
+        ]
+    )
+
+
+def load_classifier(
+    path: str | os.PathLike, runtime: str | None = None, threads: int | None = None
+):
+    """The classifier of a model file in the runtime asked for: ``onnx``
+    (:class:`OnnxClassifier`), ``torch`` (:class:`soundsight.prediction.Classifier`,
+    needs the ``train`` extra), or None: ``onnx`` for a ``.onnx`` file, else torch."""
+    runtime = runtime or ("onnx" if is_onnx(path) else "torch")
+    if runtime == "onnx":
+        if not is_onnx(path):
+            raise ConfigError(
+                f"{path}: --runtime onnx runs exported .onnx files; make one with "
+                f"soundsight export {path} --out model.onnx"
+            )
+        return OnnxClassifier.load(path, threads)
+    if runtime != "torch":
+        raise ConfigError(f"runtime must be onnx or torch, got {runtime!r}")
+    if is_onnx(path):
+        raise ConfigError(f"{path}: an ONNX file runs with --runtime onnx, not torch")
+    import torch
+
+    from .prediction import Classifier
+
+    if threads:
+        torch.set_num_threads(threads)
+    return Classifier.load(path)

@@ -1,0 +1,190 @@
+"""`soundsight export`: the ONNX graph reproduces the torch path on real clips, carries
+the model's record, and int8 copies are checked against the run's validation clips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from soundsight.config import FeatureConfig, ModelConfig
+from soundsight.export import (
+    ExportError,
+    calibration_clips,
+    export_onnx,
+    quantize,
+    validation_clips,
+)
+from soundsight.modelfile import ModelSpec, read_spec, save_model_file
+from soundsight.models import SoundNet
+from soundsight.prediction import Classifier, score_windows
+from soundsight.runtime import INPUT_KEY, LABELS_KEY, SPEC_KEY, OnnxClassifier
+
+#: The issue's bound on fp32 probabilities, ONNX vs torch.
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_model: Path) -> Classifier:
+    torch.set_num_threads(1)
+    return Classifier.load(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def session(tiny_onnx: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+
+
+def _waves(classifier: Classifier, fsdd_clips, esc_clips) -> dict[str, np.ndarray]:
+    """Real clips of every kind the windows meet: shorter than one window (FSDD),
+    shorter than one STFT frame, several windows (ESC-50, 5 s), and a minute."""
+    fsdd = [classifier.featurise.waveform(p) for p in fsdd_clips[:6]]
+    esc = [classifier.featurise.waveform(p) for p in esc_clips[:4]]
+    waves = {f"fsdd{i}": w for i, w in enumerate(fsdd)} | {f"esc{i}": w for i, w in enumerate(esc)}
+    waves["200 samples"] = fsdd[0][:200]
+    waves["one window + 1 frame"] = esc[0][: (classifier.view.frames or 0) * 256 + 257]
+    waves["60 s"] = np.concatenate(esc * 3)
+    return waves
+
+
+def test_waveform_graph_matches_torch_on_real_clips(
+    classifier, session, tiny_onnx, fsdd_clips, esc_clips
+):
+    worst = 0.0
+    for name, wave in _waves(classifier, fsdd_clips, esc_clips).items():
+        windows, db = session.run(None, {"waveform": wave})
+        expected = next(score_windows(classifier.net, [classifier.windows(wave)]))[0]
+        assert windows.shape == (len(classifier.view.windows(classifier.log_mel(wave))), 10), name
+        assert db.shape == classifier.log_mel(wave).shape, name
+        # One float16 step (1/16 dB at most here) where fp32 rounding differs.
+        assert np.abs(db - classifier.log_mel(wave)).max() <= 0.0625, name
+        worst = max(worst, float(np.abs(windows.mean(0) - expected).max()))
+    assert worst <= TOLERANCE, worst
+
+
+def test_file_carries_the_model_record_and_labels(tiny_onnx, tiny_model):
+    proto = onnx.load(tiny_onnx)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    spec = ModelSpec.from_json(metadata[SPEC_KEY], tiny_onnx)
+    assert spec == read_spec(tiny_model)
+    assert json.loads(metadata[LABELS_KEY]) == list(spec.labels)
+    assert metadata[INPUT_KEY] == "waveform"
+    assert {o.domain or "": o.version for o in proto.opset_import}[""] >= 17
+    assert [i.name for i in proto.graph.input] == ["waveform"]
+
+
+def test_network_only_export_scores_log_mel_windows(classifier, tiny_model, tmp_path, esc_clips):
+    out = export_onnx(tiny_model, tmp_path / "net.onnx", input="log-mel")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["log_mel_windows"]
+    windows = classifier.view.windows(classifier.log_mel(esc_clips[0]))
+    got = session.run(None, {"log_mel_windows": windows[:, None]})[0]
+    expected = next(score_windows(classifier.net, [[windows]]))[0]
+    assert np.abs(got.mean(0) - expected).max() <= TOLERANCE
+    with pytest.raises(Exception, match="--input waveform"):
+        OnnxClassifier.load(out)
+
+
+def test_opset_without_stft_is_refused(tiny_model, tmp_path):
+    with pytest.raises(ExportError, match="opset 16 has no STFT"):
+        export_onnx(tiny_model, tmp_path / "m.onnx", opset=16)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unknown_input_is_refused(tiny_model, tmp_path):
+    with pytest.raises(ExportError, match="input must be one of"):
+        export_onnx(tiny_model, tmp_path / "m.onnx", input="spectrogram")
+
+
+def test_validation_clips_are_the_runs(tiny_model):
+    paths, labels = validation_clips(tiny_model)
+    assert len(paths) == len(labels) == 30  # 3 per digit (conftest)
+    assert all(Path(p).is_file() for p in paths) and set(labels) == {str(d) for d in range(10)}
+
+
+def test_no_validation_clips_is_a_clear_error(tmp_path):
+    with pytest.raises(ExportError, match="no validation clips"):
+        validation_clips(tmp_path / "model.safetensors")
+
+
+def test_static_int8_without_calibration_clips_says_so(tiny_model, tiny_onnx, tmp_path):
+    with pytest.raises(ExportError, match="needs calibration clips"):
+        quantize(tiny_model, tiny_onnx, tmp_path / "q.onnx", "static")
+    with pytest.raises(ExportError, match="no audio clips"):
+        calibration_clips(tmp_path)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_dynamic_int8_reports_accuracy_and_runs(tiny_model, tiny_onnx, tmp_path, fsdd_clips):
+    before, after = quantize(tiny_model, tiny_onnx, tmp_path / "q.onnx", "dynamic", force=True)
+    assert before is not None and after is not None and 0 <= after <= 100
+    int8 = OnnxClassifier.load(tmp_path / "q.onnx")
+    assert int8.quantization == "dynamic"
+    assert int8.labels == OnnxClassifier.load(tiny_onnx).labels
+    probabilities = int8.clip_probabilities(fsdd_clips[0])
+    assert probabilities.shape == (10,) and abs(probabilities.sum() - 1) < 1e-4
+
+
+def test_static_int8_calibrates_on_given_clips(tiny_model, tiny_onnx, tmp_path, fsdd_subset):
+    before, after = quantize(
+        tiny_model, tiny_onnx, tmp_path / "q.onnx", "static", fsdd_subset, force=True
+    )
+    assert OnnxClassifier.load(tmp_path / "q.onnx").quantization == "static"
+    assert before is not None and after is not None
+
+
+def test_int8_losing_accuracy_is_refused(tiny_model, tiny_onnx, tmp_path, monkeypatch):
+    import soundsight.export as export
+
+    # Any accuracy change is "too much" with a negative bound: the refusal path.
+    monkeypatch.setattr(export, "MAX_ACCURACY_DROP", -101.0)
+    with pytest.raises(ExportError, match="drops validation accuracy"):
+        quantize(tiny_model, tiny_onnx, tmp_path / "q.onnx", "dynamic")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_cli_export_and_predict_give_the_torch_csv(run_cli, tiny_model, tmp_path, fsdd_subset):
+    out = tmp_path / "cli.onnx"
+    code, stdout, _ = run_cli("export", str(tiny_model), "--out", str(out))
+    assert code == 0 and out.is_file(), stdout
+    rows = {}
+    for runtime, model in (("onnx", out), ("torch", tiny_model)):
+        csv = tmp_path / f"{runtime}.csv"
+        code, _, err = run_cli("predict", str(model), str(fsdd_subset), "--out", str(csv))
+        assert code == 0, err
+        rows[runtime] = csv.read_text()
+    assert rows["onnx"] == rows["torch"]
+
+
+@pytest.mark.parametrize(
+    ("features", "model"),
+    [
+        # The blog's squash mode, grey channels.
+        (FeatureConfig(), ModelConfig(weights="none", encoding="grey", image_size=64)),
+        # Another rate, an STFT whose half window is no multiple of the hop, no clipping,
+        # upsampled viridis crops.
+        (
+            FeatureConfig(sample_rate=16000, n_fft=400, hop_length=160, n_mels=64, top_db=None),
+            ModelConfig(weights="none", encoding="viridis", crop_seconds=1.0, input_scale=1.5),
+        ),
+    ],
+    ids=["squash-grey", "16k-viridis-scaled"],
+)
+def test_other_views_and_features_export_exactly(features, model, tmp_path, esc_clips, fsdd_clips):
+    labels = tuple(f"class {i}" for i in range(4))
+    net = SoundNet(model, len(labels), features.floor_db, pretrained=False)
+    path = save_model_file(tmp_path / "model.safetensors", net, ModelSpec(labels, features, model))
+    classifier = Classifier.load(path)
+    session = ort.InferenceSession(
+        str(export_onnx(path, tmp_path / "model.onnx")), providers=["CPUExecutionProvider"]
+    )
+    for clip in (fsdd_clips[0], esc_clips[0]):
+        wave = classifier.featurise.waveform(clip)
+        windows, _ = session.run(None, {"waveform": wave})
+        expected = next(score_windows(classifier.net, [classifier.windows(wave)]))[0]
+        assert np.abs(windows.mean(0) - expected).max() <= TOLERANCE

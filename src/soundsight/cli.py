@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Only light modules here: everything heavy (pandas, torch, Lightning) is imported by
 # the command that needs it, so `soundsight --help` answers at once.
-from .config import ENCODINGS, FeatureConfig, ModelConfig, TrainConfig
+from .config import ENCODINGS, FRONT_ENDS, FeatureConfig, ModelConfig, TrainConfig
 from .errors import SoundsightError
 
 
@@ -61,16 +61,21 @@ def _add_feature_args(parser: argparse.ArgumentParser) -> None:
     defaults = FeatureConfig()
     for spec in fields(FeatureConfig):
         default = getattr(defaults, spec.name)
-        kind = float if spec.name in ("fmin", "fmax", "top_db") else int
+        kind = float if spec.name in ("fmin", "fmax", "top_db") else type(default)
         group.add_argument(
             f"--{spec.name.replace('_', '-')}",
             type=kind,
             default=default,
+            choices=FRONT_ENDS if spec.name == "front_end" else None,
             help=f"(default: {default})",
         )
 
 
 def _features(args: argparse.Namespace) -> FeatureConfig:
+    if args.front_end == "aisfx":  # fixed by the network pretrained on it
+        from .aisfx import AISFX_FEATURES
+
+        return AISFX_FEATURES
     return FeatureConfig(**{f.name: getattr(args, f.name) for f in fields(FeatureConfig)})
 
 
@@ -132,7 +137,8 @@ def cmd_export_images(args: argparse.Namespace) -> int:
 #: One line of help per recipe field; the flags themselves come from the dataclasses'
 #: fields (:func:`_add_config_flags`), so a new field is a new flag with no other edit.
 MODEL_HELP = {
-    "backbone": "any timm model name, e.g. resnet34",
+    "backbone": "a backbone of `soundsight backbones` (offline) or any timm model name, "
+    "e.g. resnet34 (hub)",
     "weights": "'default' (offline ImageNet checkpoint, else the hub), 'hub', 'none', "
     "or a .pth/.safetensors file",
     "encoding": f"log-mel to RGB: {', '.join(ENCODINGS)}",
@@ -377,6 +383,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise DatasetError(f"no audio files in {', '.join(args.paths or [args.data])}")
     classifier = Classifier.load(args.model)
+    _print_notice(classifier.spec.notice)
     frame, failures = classifier.predict_files(paths, workers=args.workers)
     root = args.data or (args.paths[0] if len(args.paths) == 1 else None)
     result = submission(frame, classifier.labels, args.top_k, root=root)
@@ -413,7 +420,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file not found: {args.model}")
+    from .modelfile import read_spec
+
+    _print_notice(read_spec(args.model).notice)
     serve(args.model, args.host, args.port, settings, access_log=not args.no_access_log)
+    return 0
+
+
+def _print_notice(notice: str) -> None:
+    """A model's licence notice (its pretrained weights' attribution), once, on stderr
+    so that predictions on stdout stay machine-readable."""
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .models import OFFLINE_BACKBONES, offline_status
+
+    for name, problem in offline_status().items():
+        where = OFFLINE_BACKBONES[name].origin
+        print(f"{name:<24} {'offline' if not problem else 'missing'}  {problem or where}")
+    print(
+        "any other timm model name (e.g. resnet34) loads its ImageNet weights from the "
+        "Hugging Face hub (network needed), or from --weights PATH"
+    )
     return 0
 
 
@@ -565,6 +595,10 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
 
 
+def _args_backbones(p: argparse.ArgumentParser) -> None:
+    """No arguments: it lists the registry."""
+
+
 def _args_show_batch(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", default="batch.png", help="PNG file (default batch.png)")
@@ -651,6 +685,15 @@ COMMANDS = (
         "spectrogram and labels. Binds to loopback unless --host says otherwise.",
         _args_serve,
         cmd_serve,
+    ),
+    Command(
+        "backbones",
+        "list the backbones whose pretrained weights are installed (offline)",
+        "List the registered backbones, whether their pretrained weights are "
+        "installed here (no network needed) and where they come from; any other timm "
+        "name needs the hub.",
+        _args_backbones,
+        cmd_backbones,
     ),
     Command(
         "show-batch",

@@ -32,7 +32,7 @@ from .errors import ConfigError
 from .evaluation import SUMMARY, make_folds, score, write_json, write_metrics
 from .features import FeatureConfig, flush_denormals
 from .modelfile import ModelSpec, save_model_file
-from .models import ModelConfig, SoundNet, clip_probabilities
+from .models import ModelConfig, SoundNet, backbone_configs, clip_probabilities, licence_notice
 from .plots import plot_lr_find
 from .schedule import one_cycle_options
 from .tables import read_csv, write_csv
@@ -290,9 +290,19 @@ def _checkpoint(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage{stage}" / "last.ckpt"
 
 
-def _data(clips: pd.DataFrame, out: Path, config: TrainConfig, **options) -> ClipDataModule:
+def _data(
+    clips: pd.DataFrame,
+    out: Path,
+    config: TrainConfig,
+    features: FeatureConfig,
+    model: ModelConfig,
+    **options,
+) -> ClipDataModule:
     """The run's data module (``options``: :class:`ClipDataModule`'s), seeded and set
-    up: the network needs its labels and crop length."""
+    up: the network needs its labels and crop length. A backbone pretrained on its own
+    front end (aisfx) gets it, and crops of the blocks it was pretrained on."""
+    features, model = backbone_configs(features, model)
+    options.update(features=features, model=model)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = ClipDataModule(clips, out=out, config=config, **options)
@@ -406,6 +416,7 @@ def _validate_and_save(
                 model=data.model,
                 train=config_to_dict(module.config),
                 metrics={k: metrics[k] for k in SUMMARY},
+                notice=licence_notice(data.model.backbone),
             ),
         )
         paths = valid_clips["path"].tolist()

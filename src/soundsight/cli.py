@@ -164,6 +164,7 @@ TRAIN_HELP = {
     "label_smoothing": "cross-entropy label smoothing",
     "seed": "random seed",
     "num_workers": "DataLoader worker processes",
+    "linear_probe": "LP-FT: fit the head on frozen embeddings first (logistic regression)",
 }
 
 
@@ -199,10 +200,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe (defaults are the measured default recipe)")
     group.add_argument(
         "--recipe",
-        choices=("default", "seed"),
+        choices=("default", "seed", "lp-ft"),
         default="default",
         help="'seed' reproduces the blog: whole clip squashed to 224x224, "
-        "ImageNet normalisation, no augmentation, stage 2 at 1e-5/1e-4",
+        "ImageNet normalisation, no augmentation, stage 2 at 1e-5/1e-4; 'lp-ft' fits "
+        "the head on frozen embeddings (logistic regression), then fine-tunes all",
     )
     group.add_argument(
         "--no-pretrained", action="store_true", help="random initial weights, for comparison"
@@ -233,10 +235,12 @@ def _recipe(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """ModelConfig and TrainConfig from --recipe plus any explicit overrides."""
     from dataclasses import replace
 
-    from .training import seed_recipe
+    from .training import lp_ft_recipe, seed_recipe
 
     if args.recipe == "seed":
         model, config = seed_recipe(args.epochs or TrainConfig().epochs)
+    elif args.recipe == "lp-ft":
+        model, config = ModelConfig(), lp_ft_recipe(TrainConfig().epochs)
     else:
         model, config = ModelConfig(), TrainConfig()
     model = replace(model, **_overrides(args, MODEL_HELP))

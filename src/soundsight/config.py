@@ -221,6 +221,11 @@ class TrainConfig:
         Seeds Python, NumPy and torch (workers included).
     num_workers : int
         DataLoader worker processes (0: load in the training process).
+    linear_probe : bool
+        LP-FT: before the stages, fit the new head by logistic regression on the
+        frozen body's embeddings of every training window (a linear probe trained to
+        convergence, where a short stage 1 learns little); with no epochs at all, the
+        probe is the whole training (frozen features + logistic regression).
     """
 
     stage1_epochs: int = 1
@@ -240,10 +245,13 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     num_workers: int = 0
+    linear_probe: bool = False
 
     def __post_init__(self):
-        if self.stage1_epochs < 0 or self.stage2_epochs < 0 or self.epochs < 1:
-            raise ConfigError(f"need at least one epoch and none negative: {self}")
+        if self.stage1_epochs < 0 or self.stage2_epochs < 0:
+            raise ConfigError(f"epochs cannot be negative: {self}")
+        if self.epochs < 1 and not self.linear_probe:
+            raise ConfigError(f"need at least one epoch (or the linear probe): {self}")
 
     @property
     def epochs(self) -> int:

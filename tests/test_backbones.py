@@ -70,6 +70,18 @@ def test_each_offline_backbone_loads_and_predicts_a_real_clip_without_network(
     assert embeddings.std() > 0  # a real clip gives a non-constant embedding
 
 
+def test_backbones_command_lists_offline_and_missing_weights(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOUNDSIGHT_WEIGHTS", str(tmp_path))  # no aisfx wheel there
+    code, out, _ = run_cli("backbones")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    for version in (0, 1, 2):
+        assert lines[f"tf_efficientnet_lite{version}"].split()[1] == "offline"
+    assert lines["aisfx"].split()[1] == "missing"
+    assert "python -m soundsight.weights" in lines["aisfx"]
+    assert "resnet34" in out and "hub" in out
+
+
 def test_unknown_backbone_lists_the_offline_ones():
     with pytest.raises(WeightsError) as err:
         create_backbone("efficientnet_lite9", 3)

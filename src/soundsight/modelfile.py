@@ -62,6 +62,15 @@ class ModelSpec:
         The training recipe (``TrainConfig`` as a plain dict), for the record.
     metrics : dict
         Validation scores at the end of training (``accuracy``, ``map3``...).
+    temperature : float
+        Logits are divided by it before the softmax (fitted on the validation side,
+        :mod:`soundsight.calibration`); 1 in files from before it existed.
+    calibration : dict
+        How it was fitted: ``clips``, ``ece_before``, ``ece_after``... or a ``note``
+        saying why it was not (too few validation clips).
+    rejection : dict
+        :meth:`soundsight.calibration.Rejection.to_dict`: the score and threshold below
+        which a clip is ``unknown``; ``{}``: every clip gets a known label.
     """
 
     labels: tuple[str, ...]
@@ -69,6 +78,9 @@ class ModelSpec:
     model: ModelConfig
     train: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    temperature: float = 1.0
+    calibration: dict[str, Any] = field(default_factory=dict)
+    rejection: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -79,6 +91,9 @@ class ModelSpec:
                 "model": config_to_dict(self.model),
                 "train": self.train,
                 "metrics": self.metrics,
+                "temperature": self.temperature,
+                "calibration": self.calibration,
+                "rejection": self.rejection,
             }
         )
 
@@ -126,7 +141,27 @@ class ModelSpec:
             model=_config(ModelConfig, record["model"], "model", source),
             train=dict(record.get("train", {})),
             metrics=dict(metrics),
+            **_scores_meaning(record, len(labels), source),
         )
+
+
+def _scores_meaning(record: dict, labels: int, source: str | os.PathLike) -> dict[str, Any]:
+    """The calibration fields, checked; files from before them get temperature 1 and
+    no rejection."""
+    from .calibration import check_calibration, check_rejection, check_temperature
+
+    checks = {
+        "temperature": (1.0, check_temperature),
+        "calibration": ({}, check_calibration),
+        "rejection": ({}, lambda value: check_rejection(value, labels)),
+    }
+    values = {}
+    for name, (default, check) in checks.items():
+        try:
+            values[name] = check(record.get(name, default))
+        except ValueError as err:
+            raise ModelFileError(f"{source}: field {name!r}: {err}") from None
+    return values
 
 
 def _config(cls: type, values: Any, name: str, source: str | os.PathLike):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError, clip_duration
 from .cache import DEFAULT_CACHE, prepare
+from .calibration import UNKNOWN_LABEL, Rejection
 from .data import ClipView
 from .errors import ConfigError
 from .evaluation import score
@@ -119,7 +120,12 @@ class Classifier:
 
     def __init__(self, net: SoundNet, spec: ModelSpec):
         self.net = net.eval()
+        # The one place a model file's temperature reaches the network: every score
+        # below (predict, evaluate, serve, the report) goes through window_scores.
+        self.net.temperature = spec.temperature
         self.spec = spec
+        #: When a clip is answered ``unknown`` (None: never; see soundsight.calibration).
+        self.rejection = Rejection.from_dict(spec.rejection, len(spec.labels))
         self.labels = list(spec.labels)
         self.features = spec.features
         self.view = ClipView.for_model(net.config, spec.features)
@@ -182,6 +188,23 @@ class Classifier:
         rows = cast(list[np.ndarray], [e for _, e in self.score(log_mels, embed=True)])
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
+    @property
+    def needs_embeddings(self) -> bool:
+        """Whether the 'unknown' rule reads embeddings (score them alongside)."""
+        return self.rejection is not None and self.rejection.needs_embeddings
+
+    def known(self, probabilities: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Per clip (rows of calibrated ``probabilities`` and, where the rule needs
+        them, ``embeddings``): whether it is one of the known classes under the model
+        file's rule; ``True`` everywhere when the file has none (trained before it
+        existed, or on too few validation clips)."""
+        probabilities = np.atleast_2d(probabilities)
+        if self.rejection is None:
+            return np.ones(len(probabilities), bool)
+        return self.rejection.known(
+            probabilities, None if embeddings is None else np.atleast_2d(embeddings)
+        )
+
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` most probable (label, probability) pairs, best first."""
         if k < 1:
@@ -203,8 +226,9 @@ class Classifier:
         """Probabilities for many files, decoded in order (in ``workers`` DataLoader
         processes when > 0) and scored by :func:`score_log_mels`.
 
-        Returns a frame (``path`` then one column per label) and the files that could
-        not be read, as ``(path, reason)``; one bad file never stops the rest.
+        Returns a frame (``path`` then one column per label; ``frame.attrs["known"]``
+        holds :meth:`known` per row) and the files that could not be read, as
+        ``(path, reason)``; one bad file never stops the rest.
         """
         if workers is None:
             # On 2 cores a decoding process only competes with the model's threads
@@ -217,7 +241,9 @@ class Classifier:
             multiprocessing_context="fork" if workers else None,
         )
         failures: list[tuple[str, str]] = []
-        results: dict[int, np.ndarray] = {}  # file number -> probabilities
+        embed = self.needs_embeddings
+        # file number -> (probabilities, embedding or None)
+        results: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         short: list[int] = []  # file numbers of the clips given to the shared batches
 
         def windows() -> Iterator[Iterable[np.ndarray]]:
@@ -226,7 +252,9 @@ class Classifier:
                     bar.update(1)
                     if reason == _LONG:  # scored on its own, in blocks, as it is read
                         try:
-                            results[number] = next(score_windows(self.net, [self.windows(path)]))[0]
+                            results[number] = next(
+                                score_windows(self.net, [self.windows(path)], embed)
+                            )
                         except AudioError as err:
                             failures.append((path, err.reason))
                     elif db is None:
@@ -235,11 +263,16 @@ class Classifier:
                         short.append(number)
                         yield [self.view.windows(np.asarray(db))]
 
-        for count, (probabilities, _) in enumerate(score_windows(self.net, windows())):
-            results[short[count]] = probabilities
+        for count, scored in enumerate(score_windows(self.net, windows(), embed)):
+            results[short[count]] = scored
         order = sorted(results)
-        frame = pd.DataFrame([results[n] for n in order], columns=self.labels)
+        frame = pd.DataFrame([results[n][0] for n in order], columns=self.labels)
         frame.insert(0, "path", [str(paths[n]) for n in order])
+        if order:
+            embeddings = np.stack([results[n][1] for n in order]) if embed else None
+            frame.attrs["known"] = self.known(frame[self.labels].to_numpy(), embeddings)
+        else:
+            frame.attrs["known"] = np.ones(0, bool)
         return frame, failures
 
 
@@ -271,21 +304,38 @@ def submission(
     labels: Sequence[str],
     top_k: int = 3,
     root: str | os.PathLike | None = None,
+    known: np.ndarray | None = None,
+    unknown_label: str = UNKNOWN_LABEL,
 ) -> pd.DataFrame:
     """The Kaggle submission format, ``fname`` and the ``top_k`` labels space-separated,
     plus ``path``: the file relative to ``root`` (where it lies below it), since two
-    folders may hold files of the same name."""
+    folders may hold files of the same name.
+
+    With ``known`` (one flag per row, :meth:`Classifier.known`), a clip that is not
+    known gets ``unknown_label`` as its label, and the columns ``best_label`` and
+    ``best_probability`` keep the most probable known label either way."""
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
     probabilities = frame[list(labels)].to_numpy()
     top = np.argsort(-probabilities, axis=1)[:, :top_k]
-    return pd.DataFrame(
+    answers = [" ".join(labels[i].replace(" ", "_") for i in row) for row in top]
+    result = pd.DataFrame(
         {
             "fname": [Path(p).name for p in frame["path"]],
-            "label": [" ".join(labels[i].replace(" ", "_") for i in row) for row in top],
+            "label": answers,
             "path": [_relative(p, root) for p in frame["path"]],
         }
     )
+    if known is not None:
+        if unknown_label in labels:
+            raise ConfigError(
+                f"--unknown-label {unknown_label!r} is one of the model's labels; choose "
+                "another name"
+            )
+        result["label"] = np.where(known, answers, unknown_label)
+        result["best_label"] = [labels[row[0]] for row in top]
+        result["best_probability"] = probabilities.max(axis=1) if len(frame) else []
+    return result
 
 
 def _relative(path: str, root: str | os.PathLike | None) -> str:

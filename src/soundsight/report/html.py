@@ -198,7 +198,8 @@ class RunSection:
             prefix=prefix,
             level=level,
             labels=run.labels,
-            images=_images(folder, plotting.RUN_PLOTS),
+            # learning_curve.png: `soundsight learning-curve DATA --out RUN`'s picture.
+            images=_images(folder, (*plotting.RUN_PLOTS, "learning_curve")),
             metrics=[
                 (name, f"{value:.4f}" if isinstance(value, float) else str(value))
                 for key, name in METRICS.items()
@@ -290,11 +291,11 @@ def _calibration(run: RunData) -> list[tuple[str, str]]:
     if run.spec is None:
         return []
     spec, rows = run.spec, [("temperature", f"{run.spec.temperature:.3f}")]
-    for key, name in (("clips", "validation clips"), ("ece_before", "ECE before")):
+    if "clips" in spec.calibration:
+        rows.append(("validation clips", str(spec.calibration["clips"])))
+    for key, name in (("ece_before", "ECE before"), ("ece_after", "ECE after")):
         if key in spec.calibration:
-            rows.append((name, f"{spec.calibration[key]:.4g}"))
-    if "ece_after" in spec.calibration:
-        rows.append(("ECE after", f"{spec.calibration['ece_after']:.4f}"))
+            rows.append((name, f"{spec.calibration[key]:.4f}"))
     rejection = spec.rejection
     if rejection:
         rows += [

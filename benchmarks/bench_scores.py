@@ -51,8 +51,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SCORES = ("max_probability", "centroid_cosine", "max_softmax_uncalibrated")
 
 
+#: Epochs of the recipe (``--epochs``; default: the default recipe's).
+EPOCHS = TrainConfig().epochs
+
+
 def _config(quick: bool) -> TrainConfig:
-    return TrainConfig(stage1_epochs=0, stage2_epochs=1) if quick else TrainConfig()
+    if quick:
+        return TrainConfig(stage1_epochs=0, stage2_epochs=1)
+    if TrainConfig().epochs == EPOCHS:
+        return TrainConfig()
+    return TrainConfig(stage1_epochs=1, stage2_epochs=EPOCHS - 1)
 
 
 def _subset(
@@ -290,18 +298,33 @@ def bench_curve(work: Path, quick: bool) -> dict:
 
 
 def main() -> None:
+    global EPOCHS
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few clips, one epoch")
     parser.add_argument("--phases", default="fsdd,esc,open,curve")
     parser.add_argument("--work", help="folder for runs and cache (default: a temp folder)")
     parser.add_argument("--out", help="results file (default results/scores.json; --quick: work)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=EPOCHS,
+        help="a shorter recipe (1 head epoch, the rest unfrozen) where the machine is "
+        f"too busy for the default {EPOCHS}",
+    )
     args = parser.parse_args()
+    EPOCHS = args.epochs
     phases = set(args.phases.split(","))
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_scores_"))
     out_path = Path(args.out or (work / "scores.json" if args.quick else RESULTS / "scores.json"))
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     results.update(
-        {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "keep": DEFAULT_KEEP}
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "quick": args.quick,
+            "keep": DEFAULT_KEEP,
+            "epochs": 1 if args.quick else EPOCHS,
+            "load_average_at_start": os.getloadavg(),
+        }
     )
 
     def save(name: str, value: dict) -> None:

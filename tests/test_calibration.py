@@ -285,3 +285,12 @@ def test_report_says_when_nothing_was_fitted(tiny_model, tmp_path):
     page = write_report(run, replot=True).read_text()
     assert "fewer than 20: temperature kept at 1" in page
     assert "off: every clip gets a known label" in page
+
+
+def test_centroids_that_do_not_match_the_labels_are_refused(tiny_model, tmp_path):
+    record = _record(tiny_model)
+    record["rejection"]["centroids"] = record["rejection"]["centroids"][:3]
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(tiny_model), edited, metadata={METADATA_KEY: json.dumps(record)})
+    with pytest.raises(ModelFileError, match="field 'rejection': 3 centroids for 10 labels"):
+        Classifier.load(edited)

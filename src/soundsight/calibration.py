@@ -148,7 +148,9 @@ def fit_temperature(window_logits, counts: Sequence[int], targets: Sequence[int]
     return min(max(temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
 
 
-def clip_probabilities(window_logits, counts: Sequence[int], temperature: float) -> np.ndarray:
+def tempered_clip_probabilities(
+    window_logits, counts: Sequence[int], temperature: float
+) -> np.ndarray:
     """Clip probabilities ``(clips, classes)`` at ``temperature``: the mean over each
     clip's windows of :func:`soundsight.models.tempered_probabilities`."""
     import torch
@@ -246,9 +248,10 @@ class Rejection:
         return record
 
     @classmethod
-    def from_dict(cls, record: Any, labels: int) -> Rejection | None:
+    def from_dict(cls, record: Any, labels: int | None = None) -> Rejection | None:
         """The rule stored in a model file (``None`` for ``{}``: no rejection); a
-        :class:`ValueError` says which part of the record is wrong."""
+        :class:`ValueError` says which part of the record is wrong. With ``labels``,
+        the centroids must be one per label."""
         if record == {}:
             return None
         if not isinstance(record, dict) or set(record) - {
@@ -272,11 +275,12 @@ class Rejection:
             raise ValueError("centroids are needed by centroid_cosine, and by it only")
         if rows and (
             not isinstance(rows, list)
-            or len(rows) != labels
             or not all(isinstance(r, list) and len(r) == len(rows[0]) > 0 for r in rows)
             or not all(_number(v) for r in rows for v in r)
         ):
-            raise ValueError(f"centroids must be {labels} equal-length lists of numbers")
+            raise ValueError("centroids must be equal-length lists of numbers")
+        if rows and labels is not None and len(rows) != labels:
+            raise ValueError(f"{len(rows)} centroids for {labels} labels")
         return cls(
             score, float(threshold), float(keep), clips, tuple(tuple(map(float, r)) for r in rows)
         )
@@ -294,9 +298,12 @@ def check_temperature(value: Any) -> float:
     return float(value)
 
 
-def check_rejection(record: Any, labels: int) -> dict[str, Any]:
-    """A stored rejection rule (see :meth:`Rejection.from_dict`), as a plain dict."""
-    rule = Rejection.from_dict(record, labels)
+def check_rejection(record: Any) -> dict[str, Any]:
+    """A stored rejection rule (see :meth:`Rejection.from_dict`), as a plain dict. The
+    centroids' count is checked against the labels once the weights are known to fit
+    them (:class:`soundsight.prediction.Classifier`): a head of the wrong size is the
+    clearer message."""
+    rule = Rejection.from_dict(record)
     return {} if rule is None else rule.to_dict()
 
 
@@ -344,7 +351,7 @@ def calibrate(
     """
     check_keep(keep)
     targets = np.asarray(targets)
-    before = clip_probabilities(window_logits, counts, 1.0)
+    before = tempered_clip_probabilities(window_logits, counts, 1.0)
     if len(targets) < MIN_CALIBRATION_CLIPS:
         note = (
             f"validation side has {len(targets)} clips, fewer than "
@@ -353,7 +360,7 @@ def calibrate(
         table = reliability(before, targets).assign(side="before")
         return Calibrated(1.0, {"clips": len(targets), "note": note}, before, None, table)
     temperature = fit_temperature(window_logits, counts, targets)
-    after = clip_probabilities(window_logits, counts, temperature)
+    after = tempered_clip_probabilities(window_logits, counts, temperature)
     table = pd.concat(
         [
             reliability(before, targets).assign(side="before"),

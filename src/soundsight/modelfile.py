@@ -141,11 +141,11 @@ class ModelSpec:
             model=_config(ModelConfig, record["model"], "model", source),
             train=dict(record.get("train", {})),
             metrics=dict(metrics),
-            **_scores_meaning(record, len(labels), source),
+            **_scores_meaning(record, source),
         )
 
 
-def _scores_meaning(record: dict, labels: int, source: str | os.PathLike) -> dict[str, Any]:
+def _scores_meaning(record: dict, source: str | os.PathLike) -> dict[str, Any]:
     """The calibration fields, checked; files from before them get temperature 1 and
     no rejection."""
     from .calibration import check_calibration, check_rejection, check_temperature
@@ -153,7 +153,7 @@ def _scores_meaning(record: dict, labels: int, source: str | os.PathLike) -> dic
     checks = {
         "temperature": (1.0, check_temperature),
         "calibration": ({}, check_calibration),
-        "rejection": ({}, lambda value: check_rejection(value, labels)),
+        "rejection": ({}, check_rejection),
     }
     values = {}
     for name, (default, check) in checks.items():

@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .evaluation import score
 from .features import Clip, Featuriser, flush_denormals
 from .layouts import DatasetError
-from .modelfile import ModelSpec, check_fits, read_model_file
+from .modelfile import ModelFileError, ModelSpec, check_fits, read_model_file
 from .models import SoundNet, fold_batch_norms, window_scores
 
 #: Windows scored per forward pass on a CPU. Small batches win (activations stay in
@@ -125,7 +125,10 @@ class Classifier:
         self.net.temperature = spec.temperature
         self.spec = spec
         #: When a clip is answered ``unknown`` (None: never; see soundsight.calibration).
-        self.rejection = Rejection.from_dict(spec.rejection, len(spec.labels))
+        try:
+            self.rejection = Rejection.from_dict(spec.rejection, len(spec.labels))
+        except ValueError as err:
+            raise ModelFileError(f"model file: field 'rejection': {err}") from None
         self.labels = list(spec.labels)
         self.features = spec.features
         self.view = ClipView.for_model(net.config, spec.features)

@@ -640,6 +640,29 @@ def test_page_in_chromium_shows_label_spectrogram_and_plays(
     assert not [e for e in console_errors if "notes.txt" not in e and "415" not in e]
 
 
+def test_page_in_chromium_says_unknown_for_noise_and_names_the_closest_label(
+    chromium, live_server, write_audio
+):
+    base, _ = live_server
+    noise = write_audio("noise.wav", 0.3 * np.random.default_rng(0).standard_normal(8000), 8000)
+    answer = httpx.post(
+        f"{base}/predict", files={"file": (noise.name, noise.read_bytes())}, timeout=60
+    ).json()
+    assert answer["unknown"] and answer["label"] == "unknown"
+    page = chromium.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{base}/")
+    page.set_input_files("#file-input", str(noise))
+    page.wait_for_selector("body[data-state=done]")
+    assert page.inner_text("#top-label") == "unknown"
+    assert page.eval_on_selector("#top-label", "el => el.classList.contains('unknown')")
+    closest = answer["predictions"][0]["label"]
+    assert f"closest: {closest}" in page.inner_text("#unknown-note")
+    # The bars still show the known labels' probabilities.
+    bars = page.eval_on_selector_all("#predictions li.bar", "els => els.map(e => e.dataset.label)")
+    assert bars == [p["label"] for p in answer["predictions"]]
+
+
 def test_docs_render_offline_in_chromium_under_the_csp(chromium, live_server):
     """Swagger UI and ReDoc, served by fastapi-offline, draw the API under the app's
     Content-Security-Policy, loading nothing from elsewhere. The one thing they try to
@@ -670,8 +693,7 @@ def test_docs_render_offline_in_chromium_under_the_csp(chromium, live_server):
 
 
 def _check_page(page, name: str, expected: dict) -> None:
-    top = expected["predictions"][0]["label"]
-    assert page.inner_text("#top-label") == top
+    assert page.inner_text("#top-label") == expected["label"]  # the label, or "unknown"
     assert page.inner_text("#file-name") == name
     bars = page.eval_on_selector_all(
         "#predictions li.bar", "els => els.map(e => [e.dataset.label, +e.dataset.probability])"

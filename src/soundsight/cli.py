@@ -86,6 +86,53 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _keep(text: str) -> float:
+    from .calibration import check_keep
+
+    try:
+        return check_keep(float(text))
+    except (ValueError, SoundsightError) as err:
+        raise argparse.ArgumentTypeError(
+            f"must be a share of known clips in (0, 1], got {text!r}"
+        ) from err
+
+
+def _add_score_args(parser: argparse.ArgumentParser) -> None:
+    """What training fits so that its scores mean something (soundsight.calibration)."""
+    group = parser.add_argument_group("calibrated scores and 'unknown'")
+    group.add_argument(
+        "--keep",
+        type=_keep,
+        default=0.95,
+        help="share of known validation clips the 'unknown' threshold keeps, in (0, 1] "
+        "(default 0.95)",
+    )
+    from .calibration import DEFAULT_REJECTION_SCORE, REJECTION_SCORES
+
+    group.add_argument(
+        "--rejection-score",
+        choices=REJECTION_SCORES,
+        default=DEFAULT_REJECTION_SCORE,
+        help="what 'unknown' is judged by: the top calibrated probability, or the "
+        "embedding's cosine similarity to the nearest class centroid of the training "
+        f"clips (default {DEFAULT_REJECTION_SCORE}, the better measured)",
+    )
+
+
+def _add_unknown_args(parser: argparse.ArgumentParser) -> None:
+    """How ``predict`` writes clips below the model file's 'unknown' threshold."""
+    group = parser.add_argument_group("'unknown' answers")
+    group.add_argument(
+        "--unknown-label",
+        default="unknown",
+        help="label written for clips unlike every known class (default 'unknown'); "
+        "best_label and best_probability keep the most probable known label",
+    )
+    group.add_argument(
+        "--no-unknown", action="store_true", help="always write the most probable known label"
+    )
+
+
 def _add_workers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
@@ -286,6 +333,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_find=args.lr == "auto",
         devices=args.devices,
         num_nodes=args.num_nodes,
+        keep=args.keep,
+        rejection=args.rejection_score,
     )
     if not is_global_zero():  # under DDP, rank 0 alone reports and plots
         return 0
@@ -327,6 +376,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
         pretrained=not args.no_pretrained,
         devices=args.devices,
         num_nodes=args.num_nodes,
+        keep=args.keep,
+        rejection=args.rejection_score,
     )
     if not is_global_zero():
         return 0
@@ -393,7 +444,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         frame, failures = classifier.predict_files(paths, workers=args.workers)
     root = args.data or (args.paths[0] if len(args.paths) == 1 else None)
-    result = submission(frame, classifier.labels, args.top_k, root=root)
+    known = None
+    if not args.no_unknown:
+        if classifier.rejection is None:
+            print(
+                f"note: {args.model} has no 'unknown' threshold (trained before it existed, "
+                "or on too few validation clips): every file gets a known label",
+                file=sys.stderr,
+            )
+        known = frame.attrs["known"]
+    result = submission(
+        frame, classifier.labels, args.top_k, root, known=known, unknown_label=args.unknown_label
+    )
     if args.out:
         write_csv(result, args.out)
         print(f"{len(result)} predictions written to {args.out}")
@@ -515,6 +577,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learning_curve(args: argparse.Namespace) -> int:
+    from .learning_curve import learning_curve
+
+    result = learning_curve(
+        _dataset(args, "train"),
+        args.out,
+        cache=args.cache,
+        features=_features(args),
+        repeats=args.repeats,
+    )
+    print(result.curve.to_string(index=False))
+    summary = result.summary
+    print(
+        f"accuracy now ({summary['clips_per_class_now']} clips per class): "
+        f"{summary['accuracy_now']:.3f}"
+    )
+    if summary["accuracy_at_2x"] is not None:
+        print(f"power-law fit at twice the clips: {summary['accuracy_at_2x']:.3f}")
+    if summary["gain_most"]:
+        print(f"classes that would gain most from more clips: {', '.join(summary['gain_most'])}")
+    print(f"picture and numbers in {args.out} (learning_curve.png, learning_curve*.csv)")
+    return 0
+
+
+def _args_learning_curve(p: argparse.ArgumentParser) -> None:
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, help="folder for learning_curve.png and its CSVs")
+    p.add_argument("--cache", help="feature cache folder")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="held-out splits (default 3)")
+    _add_feature_args(p)
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its name and help, what adds its arguments, what runs it."""
@@ -558,6 +652,7 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     )
     _add_training_args(p)
     _add_feature_args(p)
+    _add_score_args(p)
 
 
 def _args_lr_find(p: argparse.ArgumentParser) -> None:
@@ -573,6 +668,7 @@ def _args_cv(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     _add_training_args(p)
     _add_feature_args(p)
+    _add_score_args(p)
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
@@ -595,6 +691,7 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="CSV file for fname,label (default: print)")
     p.add_argument("--probabilities", help="also write per-class probabilities to this CSV")
     _add_workers(p)
+    _add_unknown_args(p)
     _add_runtime(p)
     p.add_argument(
         "--threads", type=int, help="inference threads (default: torch's, or one per core)"
@@ -799,6 +896,17 @@ COMMANDS = (
         "the top-loss clips' audio embedded.",
         _args_report,
         cmd_report,
+    ),
+    Command(
+        "learning-curve",
+        "do I have enough clips? accuracy against clips per class",
+        "Accuracy on a grouped held-out fifth against 1, 2, 4, 8... training clips "
+        "per class (3 splits), a power-law fit extrapolated to twice the clips, and "
+        "per-class recall naming the classes that would gain most from more clips. "
+        "Fast recipe: a logistic-regression probe on the pretrained backbone's "
+        "embeddings. Writes OUT/learning_curve.png and CSVs.",
+        _args_learning_curve,
+        cmd_learning_curve,
     ),
 )
 

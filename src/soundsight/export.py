@@ -128,10 +128,12 @@ class WaveformGraph(torch.nn.Module):
         picked = padded.index_select(1, columns.reshape(-1))
         return picked.reshape(db.shape[0], -1, width).permute(1, 0, 2)[:, None]
 
-    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         db = self.log_mel(waveform)
-        probabilities, _ = window_scores(self.net, self.windows(db))
-        return probabilities, db
+        probabilities, embeddings = window_scores(self.net, self.windows(db), embed=True)
+        assert embeddings is not None
+        # The embeddings feed the 'unknown' rule (distance to class centroids).
+        return probabilities, db, embeddings
 
 
 class WindowGraph(torch.nn.Module):
@@ -202,7 +204,10 @@ def export_onnx(
     if input == "waveform":
         graph: torch.nn.Module = WaveformGraph(net, spec).eval()
         example: tuple[torch.Tensor, ...] = (torch.from_numpy(_example_clip(spec)),)
-        names = {"input_names": ["waveform"], "output_names": ["probabilities", "log_mel"]}
+        names = {
+            "input_names": ["waveform"],
+            "output_names": ["probabilities", "log_mel", "embeddings"],
+        }
         dynamic = {"waveform": {0: torch.export.Dim("samples", min=1, max=2**31 - 1)}}
     else:
         graph = WindowGraph(net).eval()

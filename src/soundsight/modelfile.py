@@ -65,6 +65,15 @@ class ModelSpec:
     notice : str
         Licence notice of the pretrained weights the model was built on (the aisfx
         backbone's CC-BY-4.0 attribution), shown by predict and serve; "" if none.
+    temperature : float
+        Logits are divided by it before the softmax (fitted on the validation side,
+        :mod:`soundsight.calibration`); 1 in files from before it existed.
+    calibration : dict
+        How it was fitted: ``clips``, ``ece_before``, ``ece_after``... or a ``note``
+        saying why it was not (too few validation clips).
+    rejection : dict
+        :meth:`soundsight.calibration.Rejection.to_dict`: the score and threshold below
+        which a clip is ``unknown``; ``{}``: every clip gets a known label.
     """
 
     labels: tuple[str, ...]
@@ -73,6 +82,9 @@ class ModelSpec:
     train: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     notice: str = ""
+    temperature: float = 1.0
+    calibration: dict[str, Any] = field(default_factory=dict)
+    rejection: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -84,6 +96,9 @@ class ModelSpec:
                 "train": self.train,
                 "metrics": self.metrics,
                 "notice": self.notice,
+                "temperature": self.temperature,
+                "calibration": self.calibration,
+                "rejection": self.rejection,
             }
         )
 
@@ -134,7 +149,27 @@ class ModelSpec:
             train=dict(record.get("train", {})),
             metrics=dict(metrics),
             notice=record.get("notice", ""),
+            **_scores_meaning(record, source),
         )
+
+
+def _scores_meaning(record: dict, source: str | os.PathLike) -> dict[str, Any]:
+    """The calibration fields, checked; files from before them get temperature 1 and
+    no rejection."""
+    from .calibration import check_calibration, check_rejection, check_temperature
+
+    checks = {
+        "temperature": (1.0, check_temperature),
+        "calibration": ({}, check_calibration),
+        "rejection": ({}, check_rejection),
+    }
+    values = {}
+    for name, (default, check) in checks.items():
+        try:
+            values[name] = check(record.get(name, default))
+        except ValueError as err:
+            raise ModelFileError(f"{source}: field {name!r}: {err}") from None
+    return values
 
 
 def _config(cls: type, values: Any, name: str, source: str | os.PathLike):

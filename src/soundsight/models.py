@@ -348,6 +348,9 @@ class SoundNet(torch.nn.Module):
         mean, std = input_normalization(self.backbone, config.imagenet_normalization)
         self.encoder = InputEncoder(config.encoding, floor_db, mean, std, config.input_scale)
         self.backbone.to(memory_format=torch.channels_last)
+        #: Logits are divided by it before the softmax (:func:`window_scores`); 1 while
+        #: training, the model file's fitted value once loaded (soundsight.calibration).
+        self.temperature = 1.0
 
     def forward(self, db: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.encoder(db))
@@ -432,13 +435,25 @@ def window_scores(
     net: SoundNet, windows: torch.Tensor, embed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One forward pass over log-mel windows ``(n, 1, n_mels, frames)``: each window's
-    class probabilities (softmax), and with ``embed`` its penultimate embedding (the
-    pooled features the head reads), from the same pass."""
+    class probabilities (softmax at the net's temperature), and with ``embed`` its
+    penultimate embedding (the pooled features the head reads), from the same pass."""
+    logits, pooled = window_logits(net, windows)
+    return tempered_probabilities(logits, net.temperature), pooled if embed else None
+
+
+def window_logits(net: SoundNet, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and penultimate embeddings of log-mel windows, from one forward pass."""
     pooled = net.backbone.forward_head(
         net.backbone.forward_features(net.encoder(windows)), pre_logits=True
     )
-    probabilities = net.backbone.get_classifier()(pooled).softmax(-1)
-    return probabilities, pooled if embed else None
+    return net.backbone.get_classifier()(pooled), pooled
+
+
+def tempered_probabilities(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """The one map from logits to probabilities: ``softmax(logits / temperature)``
+    (temperature scaling, Guo et al. 2017; fitted by
+    :func:`soundsight.calibration.fit_temperature`)."""
+    return (logits / temperature).softmax(-1)
 
 
 def clip_probabilities(net: SoundNet, windows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

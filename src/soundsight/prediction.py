@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError, clip_duration
 from .cache import DEFAULT_CACHE, prepare
+from .calibration import Rejection
 from .data import ClipView
 from .evaluation import score
 from .features import Clip, Featuriser, flush_denormals
 from .layouts import DatasetError
-from .modelfile import ModelSpec, check_fits, read_model_file
+from .modelfile import ModelFileError, ModelSpec, check_fits, read_model_file
 from .models import SoundNet, fold_batch_norms, window_scores
 from .runtime import submission as submission  # with the torch-free runtime: one CSV
 from .runtime import top_labels
@@ -120,7 +121,15 @@ class Classifier:
 
     def __init__(self, net: SoundNet, spec: ModelSpec):
         self.net = net.eval()
+        # The one place a model file's temperature reaches the network: every score
+        # below (predict, evaluate, serve, the report) goes through window_scores.
+        self.net.temperature = spec.temperature
         self.spec = spec
+        #: When a clip is answered ``unknown`` (None: never; see soundsight.calibration).
+        try:
+            self.rejection = Rejection.from_dict(spec.rejection, len(spec.labels))
+        except ValueError as err:
+            raise ModelFileError(f"model file: field 'rejection': {err}") from None
         self.labels = list(spec.labels)
         self.features = spec.features
         self.view = ClipView.for_model(net.config, spec.features)
@@ -183,15 +192,34 @@ class Classifier:
         rows = cast(list[np.ndarray], [e for _, e in self.score(log_mels, embed=True)])
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
+    @property
+    def needs_embeddings(self) -> bool:
+        """Whether the 'unknown' rule reads embeddings (score them alongside)."""
+        return self.rejection is not None and self.rejection.needs_embeddings
+
+    def known(self, probabilities: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Per clip (rows of calibrated ``probabilities`` and, where the rule needs
+        them, ``embeddings``): whether it is one of the known classes under the model
+        file's rule; ``True`` everywhere when the file has none (trained before it
+        existed, or on too few validation clips)."""
+        probabilities = np.atleast_2d(probabilities)
+        if self.rejection is None:
+            return np.ones(len(probabilities), bool)
+        return self.rejection.known(
+            probabilities, None if embeddings is None else np.atleast_2d(embeddings)
+        )
+
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` most probable (label, probability) pairs, best first."""
         return top_labels(self.labels, probabilities, k)
 
-    def analyse(self, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
-        """A clip's probabilities and its log-mel (:class:`~soundsight.runtime.ClipScorer`,
-        what the server asks of either runtime)."""
+    def analyse(self, clip: Clip) -> tuple[np.ndarray, np.ndarray, bool]:
+        """A clip's probabilities, its log-mel and whether it is one of the known
+        classes (:class:`~soundsight.runtime.ClipScorer`, what the server asks of either
+        runtime)."""
         db = self.log_mel(clip)
-        return self.probabilities([db])[0], db
+        probabilities, embedding = next(self.score([db], embed=self.needs_embeddings))
+        return probabilities, db, bool(self.known(probabilities, embedding)[0])
 
     def spectrogram_png(self, db: np.ndarray) -> bytes:
         """The page's picture of a log-mel, as PNG bytes."""
@@ -215,8 +243,9 @@ class Classifier:
         """Probabilities for many files, decoded in order (in ``workers`` DataLoader
         processes when > 0) and scored by :func:`score_log_mels`.
 
-        Returns a frame (``path`` then one column per label) and the files that could
-        not be read, as ``(path, reason)``; one bad file never stops the rest.
+        Returns a frame (``path`` then one column per label; ``frame.attrs["known"]``
+        holds :meth:`known` per row) and the files that could not be read, as
+        ``(path, reason)``; one bad file never stops the rest.
         """
         if workers is None:
             # On 2 cores a decoding process only competes with the model's threads
@@ -229,7 +258,9 @@ class Classifier:
             multiprocessing_context="fork" if workers else None,
         )
         failures: list[tuple[str, str]] = []
-        results: dict[int, np.ndarray] = {}  # file number -> probabilities
+        embed = self.needs_embeddings
+        # file number -> (probabilities, embedding or None)
+        results: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         short: list[int] = []  # file numbers of the clips given to the shared batches
 
         def windows() -> Iterator[Iterable[np.ndarray]]:
@@ -238,7 +269,9 @@ class Classifier:
                     bar.update(1)
                     if reason == _LONG:  # scored on its own, in blocks, as it is read
                         try:
-                            results[number] = next(score_windows(self.net, [self.windows(path)]))[0]
+                            results[number] = next(
+                                score_windows(self.net, [self.windows(path)], embed)
+                            )
                         except AudioError as err:
                             failures.append((path, err.reason))
                     elif db is None:
@@ -247,11 +280,16 @@ class Classifier:
                         short.append(number)
                         yield [self.view.windows(np.asarray(db))]
 
-        for count, (probabilities, _) in enumerate(score_windows(self.net, windows())):
-            results[short[count]] = probabilities
+        for count, scored in enumerate(score_windows(self.net, windows(), embed)):
+            results[short[count]] = scored
         order = sorted(results)
-        frame = pd.DataFrame([results[n] for n in order], columns=self.labels)
+        frame = pd.DataFrame([results[n][0] for n in order], columns=self.labels)
         frame.insert(0, "path", [str(paths[n]) for n in order])
+        if order:
+            embeddings = np.stack([results[n][1] for n in order]) if embed else None
+            frame.attrs["known"] = self.known(frame[self.labels].to_numpy(), embeddings)
+        else:
+            frame.attrs["known"] = np.ones(0, bool)
         return frame, failures
 
 

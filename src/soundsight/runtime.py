@@ -27,6 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .audio import AudioError, clip_duration, decode_bytes, load_clip
+from .calibration import UNKNOWN_LABEL, Rejection
 from .errors import ConfigError
 from .modelfile import ModelFileError, ModelSpec
 
@@ -56,8 +57,9 @@ class ClipScorer(Protocol):
     labels: list[str]
     features: FeatureConfig
 
-    def analyse(self, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A mono waveform at ``features.sample_rate`` -> (probabilities, log-mel)."""
+    def analyse(self, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """A mono waveform at ``features.sample_rate`` -> (probabilities, log-mel,
+        whether it is one of the known classes)."""
         ...
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]: ...
@@ -82,21 +84,38 @@ def submission(
     labels: Sequence[str],
     top_k: int = 3,
     root: str | os.PathLike | None = None,
+    known: np.ndarray | None = None,
+    unknown_label: str = UNKNOWN_LABEL,
 ) -> pd.DataFrame:
     """The Kaggle submission format, ``fname`` and the ``top_k`` labels space-separated,
     plus ``path``: the file relative to ``root`` (where it lies below it), since two
-    folders may hold files of the same name."""
+    folders may hold files of the same name.
+
+    With ``known`` (one flag per row, :meth:`Classifier.known`), a clip that is not
+    known gets ``unknown_label`` as its label, and the columns ``best_label`` and
+    ``best_probability`` keep the most probable known label either way."""
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
     probabilities = frame[list(labels)].to_numpy()
     top = np.argsort(-probabilities, axis=1)[:, :top_k]
-    return pd.DataFrame(
+    answers = [" ".join(labels[i].replace(" ", "_") for i in row) for row in top]
+    result = pd.DataFrame(
         {
             "fname": [Path(p).name for p in frame["path"]],
-            "label": [" ".join(labels[i].replace(" ", "_") for i in row) for row in top],
+            "label": answers,
             "path": [_relative(p, root) for p in frame["path"]],
         }
     )
+    if known is not None:
+        if unknown_label in labels:
+            raise ConfigError(
+                f"--unknown-label {unknown_label!r} is one of the model's labels; choose "
+                "another name"
+            )
+        result["label"] = np.where(known, answers, unknown_label)
+        result["best_label"] = [labels[row[0]] for row in top]
+        result["best_probability"] = probabilities.max(axis=1) if len(frame) else []
+    return result
 
 
 def _relative(path: str, root: str | os.PathLike | None) -> str:
@@ -173,6 +192,21 @@ class OnnxClassifier:
         self.features = spec.features
         self.palette = palette
         self.source = source
+        #: When a clip is answered ``unknown`` (None: never; see soundsight.calibration).
+        try:
+            self.rejection = Rejection.from_dict(spec.rejection, len(spec.labels))
+        except ValueError as err:
+            raise ModelFileError(f"{source}: field 'rejection': {err}") from None
+        outputs = [o.name for o in session.get_outputs()]
+        needs = self.rejection is not None and self.rejection.needs_embeddings
+        if needs and "embeddings" not in outputs:
+            raise ModelFileError(
+                f"{source}: its 'unknown' rule reads embeddings, which this export "
+                "lacks; export the model again"
+            )
+        self._outputs = ["probabilities", "log_mel"] + (
+            ["embeddings"] if "embeddings" in outputs else []
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> OnnxClassifier:
@@ -243,13 +277,31 @@ class OnnxClassifier:
     def window_probabilities(self, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each evaluation window's probabilities ``(windows, labels)`` and the log-mel
         of a waveform from :meth:`waveform`: one run of the graph."""
-        probabilities, db = self.session.run(["probabilities", "log_mel"], {"waveform": wave})
+        probabilities, db, _ = self._run(wave)
         return probabilities, db
 
-    def analyse(self, clip: AnyClip) -> tuple[np.ndarray, np.ndarray]:
-        """A clip's probabilities (the mean over its windows) and its log-mel."""
-        probabilities, db = self.window_probabilities(self.waveform(clip))
-        return probabilities.mean(0), db
+    def _run(self, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One run of the graph: window probabilities, log-mel, clip embedding (the
+        mean over windows, as the torch scorer's; None for exports without it)."""
+        outputs = self.session.run(self._outputs, {"waveform": wave})
+        embedding = outputs[2].mean(0) if len(outputs) > 2 else None
+        return outputs[0], outputs[1], embedding
+
+    def known(self, probabilities: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """As :meth:`soundsight.prediction.Classifier.known`."""
+        probabilities = np.atleast_2d(probabilities)
+        if self.rejection is None:
+            return np.ones(len(probabilities), bool)
+        return self.rejection.known(
+            probabilities, None if embeddings is None else np.atleast_2d(embeddings)
+        )
+
+    def analyse(self, clip: AnyClip) -> tuple[np.ndarray, np.ndarray, bool]:
+        """A clip's probabilities (the mean over its windows), its log-mel, and whether
+        it is one of the known classes (:meth:`known`)."""
+        windows, db, embedding = self._run(self.waveform(clip))
+        probabilities = windows.mean(0)
+        return probabilities, db, bool(self.known(probabilities, embedding)[0])
 
     def clip_probabilities(self, clip: AnyClip) -> np.ndarray:
         """Class probabilities of one clip (path, bytes or waveform), windows averaged."""
@@ -282,6 +334,7 @@ class OnnxClassifier:
         not be read, as ``(path, reason)``; one bad file never stops the rest.
         """
         rows: list[np.ndarray] = []
+        embeddings: list[np.ndarray | None] = []
         kept: list[str] = []
         failures: list[tuple[str, str]] = []
         with tqdm(total=len(paths), desc="predict", unit="clip", disable=not progress) as bar:
@@ -290,13 +343,23 @@ class OnnxClassifier:
                 if isinstance(wave, str):
                     failures.append((path, wave))
                     continue
-                rows.append(self.window_probabilities(wave)[0].mean(0))
+                windows, _, embedding = self._run(wave)
+                rows.append(windows.mean(0))
+                embeddings.append(embedding)
                 kept.append(path)
         frame = pd.DataFrame(
             np.stack(rows) if rows else np.zeros((0, len(self.labels)), np.float32),
             columns=self.labels,
         )
         frame.insert(0, "path", kept)
+        with_embeddings = bool(rows) and all(e is not None for e in embeddings)
+        frame.attrs["known"] = (
+            self.known(frame[self.labels].to_numpy(), np.stack(embeddings))  # type: ignore[arg-type]
+            if with_embeddings
+            else self.known(frame[self.labels].to_numpy())
+            if rows
+            else np.ones(0, bool)
+        )
         return frame, failures
 
     def _decoded(self, paths: list[str]) -> Iterator[tuple[str, np.ndarray | str]]:

@@ -62,6 +62,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .audio import AudioError, decode_bytes
+from .calibration import UNKNOWN_LABEL
 from .errors import ConfigError
 from .runtime import MAX_SECONDS, ClipScorer, OnnxClassifier, load_classifier
 
@@ -181,6 +182,11 @@ class Prediction(BaseModel):
 
 class PredictResponse(BaseModel):
     filename: str = Field(description="name of the upload (multipart) or ?filename=")
+    label: str = Field(
+        description="the answer: the most probable label, or 'unknown' when the clip "
+        "scores below the model file's rejection threshold"
+    )
+    unknown: bool = Field(description="true when the clip is unlike every known class")
     predictions: list[Prediction] = Field(description="top-k labels, most probable first")
     duration_s: float = Field(description="seconds of audio analysed")
     clip_duration_s: float | None = Field(
@@ -280,9 +286,11 @@ class _Analyser:
         # Decoding stopped at the limit; a clip that reached it is taken as longer when its
         # header gives no length (MP3 may not).
         truncated = whole > limit + 1e-3 if whole is not None else analysed >= limit - 1e-3
-        probabilities, db = clf.analyse(wave)
+        probabilities, db, known = clf.analyse(wave)
         result: dict[str, Any] = {
             "filename": name,
+            "label": clf.top(probabilities, 1)[0][0] if known else UNKNOWN_LABEL,
+            "unknown": not known,
             "predictions": [
                 {"label": label, "probability": min(max(p, 0.0), 1.0)}
                 for label, p in clf.top(probabilities, top_k)

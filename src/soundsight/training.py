@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +26,14 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
+from .calibration import (
+    DEFAULT_KEEP,
+    DEFAULT_REJECTION_SCORE,
+    REJECTION_SCORES,
+    calibrate,
+    check_keep,
+    class_centroids,
+)
 from .config import TrainConfig, config_to_dict
 from .datamodule import ClipDataModule
 from .distributed import distribution, gather_in_order, is_global_zero, precision
@@ -32,7 +41,14 @@ from .errors import ConfigError
 from .evaluation import SUMMARY, make_folds, score, write_json, write_metrics
 from .features import FeatureConfig, flush_denormals
 from .modelfile import ModelSpec, save_model_file
-from .models import ModelConfig, SoundNet, backbone_configs, clip_probabilities, licence_notice
+from .models import (
+    ModelConfig,
+    SoundNet,
+    backbone_configs,
+    clip_probabilities,
+    licence_notice,
+    window_logits,
+)
 from .plots import plot_lr_find
 from .schedule import one_cycle_options
 from .tables import read_csv, write_csv
@@ -390,6 +406,8 @@ def train(
     devices="auto",
     num_nodes: int = 1,
     force: bool = False,
+    keep: float = DEFAULT_KEEP,
+    rejection: str = DEFAULT_REJECTION_SCORE,
 ) -> TrainResult:
     """Fine-tune a backbone on labelled clips and write ``out/model.safetensors``.
 
@@ -425,7 +443,16 @@ def train(
         scores cover all clips, gathered from every rank.
     force : bool
         With ``resume``: continue even on a changed data set.
+    keep : float
+        Share of known validation clips the ``unknown`` threshold keeps, in (0, 1]
+        (:func:`soundsight.calibration.calibrate`, which also fits the temperature).
+    rejection : str
+        The rejection score of that threshold
+        (:data:`soundsight.calibration.REJECTION_SCORES`).
     """
+    check_keep(keep)
+    if rejection not in REJECTION_SCORES:
+        raise ConfigError(f"unknown rejection score {rejection!r}; choose from {REJECTION_SCORES}")
     features = features or FeatureConfig()
     config = config or TrainConfig()
     out = Path(out)
@@ -450,20 +477,80 @@ def train(
     trainer = _fit_stages(
         module, data, out, resume=resuming, progress=progress, devices=devices, num_nodes=num_nodes
     )
-    return _validate_and_save(trainer, module, data, out)
+    return _validate_and_save(trainer, module, data, out, keep, rejection)
+
+
+def _validation_logits(net: SoundNet, data: ClipDataModule):
+    """Every validation clip's window logits (the clips' windows consecutive), window
+    counts and targets, in the order of :attr:`ClipDataModule.valid`, scored in one
+    process (what temperature scaling is fitted on)."""
+    device = next(net.parameters()).device
+    net.eval()
+    logits, embeddings, counts, targets, rows = [], [], [], [], []
+    with torch.inference_mode():
+        for windows, target, row, count in data.val_dataloader():
+            scores, pooled = window_logits(net, windows.to(device))
+            logits.append(scores.float().cpu())
+            embeddings += [e.mean(0) for e in pooled.float().cpu().split(count.tolist())]
+            counts.append(count)
+            targets.append(target)
+            rows.append(row)
+    counts_, rows_ = torch.cat(counts), torch.cat(rows)
+    order = torch.argsort(rows_).tolist()
+    per_clip = torch.cat(logits).split(counts_.tolist())
+    return (
+        torch.cat([per_clip[i] for i in order]),
+        counts_[order].tolist(),
+        torch.cat(targets)[order].numpy(),
+        torch.stack([embeddings[i] for i in order]).numpy(),
+    )
+
+
+def _class_centroids(net: SoundNet, data: ClipDataModule) -> np.ndarray:
+    """Class centroids of the training clips' embeddings (their evaluation windows,
+    scored by the one windowed scorer), for the ``centroid_cosine`` rejection score."""
+    from .prediction import score_log_mels
+
+    clips = data._sets["train"]  # the training clips as cached: entries, targets, view
+    log_mels = (np.load(entry, mmap_mode="r") for entry in clips.entries)
+    with torch.inference_mode():
+        rows = [e for _, e in score_log_mels(net, clips.view, log_mels, embed=True)]
+    return class_centroids(np.stack(rows), clips.targets.numpy(), len(data.labels))
 
 
 def _validate_and_save(
-    trainer: L.Trainer, module: ClipClassifier, data: ClipDataModule, out: Path
+    trainer: L.Trainer,
+    module: ClipClassifier,
+    data: ClipDataModule,
+    out: Path,
+    keep: float,
+    rejection: str,
 ) -> TrainResult:
-    """Score the trained network on every validation clip; rank 0 writes the model
-    file and the scores."""
+    """Score the trained network on every validation clip, fit the temperature and the
+    ``unknown`` threshold on them (the scores then are the calibrated ones a user will
+    read); rank 0 writes the model file and the scores."""
     trainer.validate(module, datamodule=data, verbose=False)
     valid_clips = data.valid
     probabilities, targets = module.validation_results(len(valid_clips))
-    metrics = score(probabilities, targets, data.labels)
     model_path = out / "model.safetensors"
     if trainer.is_global_zero:
+        logits, counts, fitted_targets, embeddings = _validation_logits(module.net, data)
+        centroids = _class_centroids(module.net, data) if rejection == "centroid_cosine" else None
+        calibrated = calibrate(
+            logits,
+            counts,
+            fitted_targets,
+            keep=keep,
+            score=rejection,
+            embeddings=embeddings,
+            centroids=centroids,
+        )
+        if len(fitted_targets) == len(targets):
+            probabilities, targets = calibrated.probabilities, fitted_targets
+    metrics = score(probabilities, targets, data.labels)
+    if trainer.is_global_zero:
+        if "note" in calibrated.summary:
+            warnings.warn(calibrated.summary["note"], stacklevel=3)
         save_model_file(
             model_path,
             module.net,
@@ -474,10 +561,14 @@ def _validate_and_save(
                 train=config_to_dict(module.config),
                 metrics={k: metrics[k] for k in SUMMARY},
                 notice=licence_notice(data.model.backbone),
+                temperature=calibrated.temperature,
+                calibration=calibrated.summary,
+                rejection=calibrated.rejection.to_dict() if calibrated.rejection else {},
             ),
         )
         paths = valid_clips["path"].tolist()
         write_metrics(out, metrics, data.labels, paths, probabilities, targets)
+        write_csv(calibrated.reliability, out / "reliability.csv")
     return TrainResult(model_path, metrics, read_history(out / "history.csv"), data.failures)
 
 

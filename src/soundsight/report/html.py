@@ -41,7 +41,15 @@ METRICS = {"clips": "clips", "accuracy": "accuracy", "error_rate": "error rate",
 #: The model file's configs shown, with their captions.
 CONFIGS = {"train": "training recipe", "model": "model", "features": "log-mel features"}
 #: A single run's sections, for the page's navigation.
-SECTIONS = ("summary", "config", "training", "errors", "top-losses", "embeddings")
+SECTIONS = (
+    "summary",
+    "config",
+    "training",
+    "errors",
+    "calibration",
+    "top-losses",
+    "embeddings",
+)
 
 
 @cache
@@ -179,6 +187,8 @@ class RunSection:
     failures: int
     confused: int
     top_losses: list[dict]
+    calibration: list[tuple[str, str]]
+    calibration_note: str | None
 
     @classmethod
     def of(cls, folder: Path, prefix: str = "", level: int = 2) -> RunSection:
@@ -188,7 +198,8 @@ class RunSection:
             prefix=prefix,
             level=level,
             labels=run.labels,
-            images=_images(folder, plotting.RUN_PLOTS),
+            # learning_curve.png: `soundsight learning-curve DATA --out RUN`'s picture.
+            images=_images(folder, (*plotting.RUN_PLOTS, "learning_curve")),
             metrics=[
                 (name, f"{value:.4f}" if isinstance(value, float) else str(value))
                 for key, name in METRICS.items()
@@ -199,6 +210,8 @@ class RunSection:
             failures=0 if run.failures is None else len(run.failures),
             confused=0 if run.most_confused is None else len(run.most_confused),
             top_losses=_top_loss_rows(run),
+            calibration=_calibration(run),
+            calibration_note=run.spec.calibration.get("note") if run.spec else None,
         )
 
 
@@ -271,6 +284,28 @@ def write_report(
         )
     )
     return write_whole(folder / "report.html", lambda file: file.write(page.encode("utf-8")))
+
+
+def _calibration(run: RunData) -> list[tuple[str, str]]:
+    """The model file's temperature, ECE before and after, and 'unknown' rule."""
+    if run.spec is None:
+        return []
+    spec, rows = run.spec, [("temperature", f"{run.spec.temperature:.3f}")]
+    if "clips" in spec.calibration:
+        rows.append(("validation clips", str(spec.calibration["clips"])))
+    for key, name in (("ece_before", "ECE before"), ("ece_after", "ECE after")):
+        if key in spec.calibration:
+            rows.append((name, f"{spec.calibration[key]:.4f}"))
+    rejection = spec.rejection
+    if rejection:
+        rows += [
+            ("'unknown' score", str(rejection["score"])),
+            ("threshold", f"{rejection['threshold']:.4f}"),
+            ("known clips kept", f"{rejection['keep']:.0%}"),
+        ]
+    else:
+        rows.append(("'unknown'", "off: every clip gets a known label"))
+    return rows
 
 
 def _configs(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:

@@ -34,6 +34,7 @@ RUN_PLOTS = (
     "lr_find",
     "confusion",
     "per_class",
+    "reliability",
     "top_losses",
     "tsne",
     "tsne_thumbnails",
@@ -126,6 +127,45 @@ def _error_figures(run: RunData, wanted: set[str], say: _Progress) -> Iterator[t
     if "per_class" in wanted and run.per_class is not None and len(run.per_class):
         yield "per_class", plots.plot_per_class(run.per_class)
         say("per-class scores")
+    if "reliability" in wanted and run.reliability is not None and len(run.reliability):
+        yield "reliability", plot_reliability(run.reliability, run.spec)
+        say("reliability diagram")
+
+
+def plot_reliability(table: pd.DataFrame, spec=None) -> Figure:
+    """The reliability diagram: accuracy against mean top probability per confidence
+    bin, before and after temperature scaling (``reliability.csv``), the diagonal
+    being perfect calibration; the legend gives each side's ECE."""
+    from ..calibration import expected_calibration_error_of_bins
+
+    figure = Figure(figsize=(5.2, 4.6))
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect")
+    temperature = spec.temperature if spec is not None else 1.0
+    for side, colour in (("before", "#D55E00"), ("after", "#0072B2")):
+        bins = table[(table["side"] == side) & (table["clips"] > 0)]
+        if not len(bins):
+            continue
+        ece = expected_calibration_error_of_bins(bins)
+        name = "before (T = 1)" if side == "before" else f"after (T = {temperature:.2f})"
+        axes.plot(
+            bins["confidence"],
+            bins["accuracy"],
+            marker="o",
+            color=colour,
+            label=f"{name}: ECE {ece:.3f}",
+        )
+    axes.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="top probability (mean per bin)",
+        ylabel="accuracy in the bin",
+        title="Reliability on the validation clips (15 bins)",
+    )
+    axes.legend(loc="upper left", fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
 
 
 def _embedded_clips(

@@ -32,9 +32,16 @@ TEXT_COLUMNS = {
     "history.csv": (),
     "lr_find.csv": (),
     "failures.csv": ("path", "reason"),
+    "reliability.csv": ("side",),
 }
 #: The files the plots are made from: a plot is redone when one of them changes.
-PLOT_INPUTS = ("model.safetensors", "valid_predictions.csv", "history.csv", "lr_find.csv")
+PLOT_INPUTS = (
+    "model.safetensors",
+    "valid_predictions.csv",
+    "history.csv",
+    "lr_find.csv",
+    "reliability.csv",
+)
 
 
 def read_run_csv(folder: Path, name: str) -> pd.DataFrame | None:
@@ -72,6 +79,9 @@ class RunData:
         from the predictions).
     metrics : dict
         ``metrics.json`` (else the model file's copy).
+    reliability : DataFrame or None
+        The reliability diagram's bins before and after temperature scaling
+        (``reliability.csv``, see :func:`soundsight.calibration.reliability`).
     """
 
     folder: Path
@@ -87,6 +97,7 @@ class RunData:
     lr_find: pd.DataFrame | None = None
     metrics: dict = field(default_factory=dict)
     failures: pd.DataFrame | None = None
+    reliability: pd.DataFrame | None = None
 
     @property
     def model_path(self) -> Path:
@@ -119,6 +130,7 @@ class RunData:
         run.top_losses = read_run_csv(folder, "top_losses.csv")
         run.lr_find = read_run_csv(folder, "lr_find.csv")
         run.failures = read_run_csv(folder, "failures.csv")
+        run.reliability = read_run_csv(folder, "reliability.csv")
         if (folder / "metrics.json").is_file():
             run.metrics = json.loads((folder / "metrics.json").read_text())
         else:

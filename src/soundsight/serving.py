@@ -174,6 +174,13 @@ class ServeConfig:
         return self.capacity * (self.max_upload_bytes + MULTIPART_OVERHEAD)
 
 
+class Event(BaseModel):
+    onset: float = Field(description="seconds from the start of the clip")
+    offset: float
+    event_label: str
+    probability: float = Field(ge=0, le=1, description="peak smoothed probability")
+
+
 class Prediction(BaseModel):
     label: str
     probability: float = Field(ge=0, le=1)
@@ -193,6 +200,9 @@ class PredictResponse(BaseModel):
     queue_ms: float = Field(description="time spent waiting for a worker")
     spectrogram_png: str | None = Field(
         None, description="log-mel spectrogram as a base64 PNG (with ?spectrogram=true)"
+    )
+    events: list[Event] | None = Field(
+        None, description="the clip's sound events, in time order (with ?timeline=true)"
     )
 
 
@@ -268,7 +278,9 @@ class _Analyser:
     def __init__(self, classifier: Classifier, settings: ServeConfig):
         self.classifier, self.settings = classifier, settings
 
-    def __call__(self, data: bytes, name: str, top_k: int, image: bool) -> dict[str, Any]:
+    def __call__(
+        self, data: bytes, name: str, top_k: int, image: bool, timeline: bool = False
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         clf, limit = self.classifier, self.settings.max_duration
         try:
@@ -301,15 +313,22 @@ class _Analyser:
             png = io.BytesIO()
             spectrogram_image(db, clf.features.floor_db, size=None).save(png, format="PNG")
             result["spectrogram_png"] = base64.b64encode(png.getvalue()).decode("ascii")
+        if timeline:  # the events of soundsight detect, on the analysed part
+            from .detection import DetectConfig, find_events, thresholds
+            from .detection import timeline as frame_timeline
+
+            line = frame_timeline(clf, db.shape[1], [db])
+            events = find_events(line, DetectConfig(), thresholds(clf, DetectConfig()))
+            result["events"] = events.to_dict("records")
         result["processing_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return result
 
     def queued(
-        self, queued: float, data: bytes, name: str, top_k: int, image: bool
+        self, queued: float, data: bytes, name: str, top_k: int, image: bool, timeline: bool
     ) -> tuple[dict[str, Any], float]:
         """The job a worker runs: the analysis and the ms it waited since ``queued``."""
         waited = (time.perf_counter() - queued) * 1000
-        return self(data, name, top_k, image), waited
+        return self(data, name, top_k, image, timeline), waited
 
 
 #: glibc's ``mallopt`` parameter for the mmap threshold (``M_MMAP_THRESHOLD``, malloc.h).
@@ -651,6 +670,9 @@ def create_app(
         filename: Annotated[
             str | None, Query(max_length=255, description="name of a raw-body upload")
         ] = None,
+        timeline: Annotated[
+            bool, Query(description="include the clip's sound events (soundsight detect)")
+        ] = False,
     ) -> dict[str, Any]:
         media_type = _media_type(request.headers.get("content-type"))
         _check_body_type(media_type, filename)
@@ -680,7 +702,9 @@ def create_app(
             state["pending"] += 1
             admitted = True
             k = top_k or min(settings.top_k, count)
-            future = pool.submit(analyse.queued, time.perf_counter(), data, name, k, spectrogram)
+            future = pool.submit(
+                analyse.queued, time.perf_counter(), data, name, k, spectrogram, timeline
+            )
             submitted = True
             # The pool's work item holds the upload from now on, and drops it as soon as
             # the job ends (in the worker), whenever this handler ends.

@@ -50,7 +50,10 @@ def esc_side(side: int, categories: tuple[str, ...]) -> list[tuple[Path, str]]:
     """ESC clips of these categories on one side (``src_file`` parity)."""
     meta = pd.read_csv(DATA / "esc50-fold2" / "meta" / "esc50.csv")
     meta = meta[meta["category"].isin(categories) & (meta["src_file"] % 2 == side)]
-    return [(DATA / "esc50-fold2" / "audio" / f, c) for f, c in zip(meta.filename, meta.category)]
+    return [
+        (DATA / "esc50-fold2" / "audio" / f, c)
+        for f, c in zip(meta.filename, meta.category, strict=True)
+    ]
 
 
 def digits(test_side: bool, per_digit: int) -> list[tuple[Path, str]]:
@@ -80,7 +83,7 @@ def train_detector(work: Path, quick: bool) -> Path:
 
 
 def accuracy(model: Path, work: Path, quick: bool) -> dict:
-    from soundsight.detection import DetectConfig, detect, find_events, thresholds
+    from soundsight.detection import DetectConfig, detect, find_events, plot_timeline, thresholds
     from soundsight.evaluation import event_scores, psds
     from soundsight.prediction import Classifier
     from soundsight.soundscapes import write_soundscapes
@@ -88,8 +91,13 @@ def accuracy(model: Path, work: Path, quick: bool) -> dict:
     count, seconds = (3, 20.0) if quick else (20, 60.0)
     pool = digits(True, 5) + esc_side(1, EVENTS)
     annotation = write_soundscapes(
-        work / "scapes", count, [p for p, _ in esc_side(1, AMBIENT)], pool,
-        per_scape=4 if quick else 12, seconds=seconds, seed=1,
+        work / "scapes",
+        count,
+        [p for p, _ in esc_side(1, AMBIENT)],
+        pool,
+        per_scape=4 if quick else 12,
+        seconds=seconds,
+        seed=1,
     )
     reference = pd.read_csv(annotation, dtype={"event_label": str})
     classifier = Classifier.load(model)
@@ -113,6 +121,12 @@ def accuracy(model: Path, work: Path, quick: bool) -> dict:
                 ]
             )
         )
+    # The README's picture: the first soundscape's timeline.
+    first = str(work / "scapes" / names[0])
+    figure = plot_timeline(
+        found.timelines[first], found.events[found.events["filename"] == first], classifier.features
+    )
+    figure.savefig(RESULTS / ("timeline_quick.png" if quick else "timeline.png"), dpi=110)
     durations = {Path(p).name: d for p, d in found.durations.items()}
     per_class = scores.pop("per_class")
     return {

@@ -68,10 +68,20 @@ def detector(tmp_path_factory, fsdd_dir: Path, esc50_dir: Path) -> Path:
         _ambient(esc50_dir, side=0),
         backgrounds=24,
     )
+    # About 100 clips: smaller batches (more steps), higher rates and no masking, so
+    # that ten short epochs learn it.
     result = train(
         load_dataset(root / "clips", "folder"),
         root / "run",
-        config=TrainConfig(stage1_epochs=1, stage2_epochs=5, batch_size=16),
+        config=TrainConfig(
+            stage1_epochs=0,
+            stage2_epochs=10,
+            batch_size=8,
+            lr=3e-3,
+            body_lr=2e-3,
+            freq_masks=0,
+            time_masks=0,
+        ),
         cache=root / "cache",
         progress=False,
     )

@@ -30,6 +30,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +195,7 @@ def timeline(
     if frames <= view.frames:
         batches: Iterable[np.ndarray] = [view.windows(np.concatenate(list(blocks), axis=1))]
     else:
-        batches = view.stream_windows(blocks, frames, starts=starts)
+        batches = view.stream_windows(blocks, frames, starts=starts.tolist())
 
     def one_window_each() -> Iterator[list[np.ndarray]]:
         with tqdm(
@@ -210,8 +211,8 @@ def timeline(
     duration = features.frames_to_seconds(frames)
     if frames <= view.frames:
         centres = np.array([duration / 2])
-    else:
-        centres = features.frames_to_seconds(starts + view.frames / 2)
+    else:  # seconds, as FeatureConfig.frames_to_seconds, for every window at once
+        centres = (starts + view.frames / 2) * features.hop_length / features.sample_rate
     return Timeline(
         labels=list(classifier.labels),
         centres=np.asarray(centres, np.float64),
@@ -287,7 +288,7 @@ def run_bounds(line: Timeline, first: int, past: int) -> tuple[float, float]:
 
 
 def find_events(
-    line: Timeline, settings: DetectConfig, label_thresholds: Sequence[float]
+    line: Timeline, settings: DetectConfig, label_thresholds: Sequence[float] | np.ndarray
 ) -> pd.DataFrame:
     """Events ``onset, offset, event_label, probability`` (seconds; the peak smoothed
     probability), sorted by onset, from a timeline's frame-wise probabilities: each
@@ -300,7 +301,7 @@ def find_events(
     hop = float(np.median(hops)) if len(hops) else line.duration
     size = max(1, round(settings.smooth_seconds / hop)) | 1  # odd: centred
     smoothed = median_filter(line.probabilities, size=(size, 1), mode="nearest")
-    rows = []
+    rows: list[tuple[float, float, str, float]] = []
     for column, label in enumerate(line.labels):
         if label in settings.background:
             continue
@@ -400,7 +401,7 @@ def detect(
         if picture_folder is not None:
             figure = plot_timeline(line, events, classifier.features)
             target = Path(picture_folder) / f"{Path(path).stem}.png"
-            write_whole(target, lambda file, f=figure: f.savefig(file, format="png", dpi=110))
+            write_whole(target, partial(figure.savefig, format="png", dpi=110))
     events = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=EVENT_COLUMNS)
     return Detection(events, durations, failures, kept)
 

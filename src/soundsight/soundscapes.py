@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,7 @@ def write_soundscapes(
     pool: list[int] = []
     tables = []
     for number in range(count):
-        chosen = []
+        chosen: list[tuple[str | os.PathLike, str]] = []
         while len(chosen) < per_scape:
             if not pool:
                 pool = list(rng.permutation(len(events)))
@@ -151,7 +152,7 @@ def write_soundscapes(
         name = f"scape_{number:03d}.wav"
         write_whole(
             folder / name,
-            lambda file, w=wave: sf.write(file, w, sample_rate, subtype="PCM_16", format="WAV"),
+            partial(sf.write, data=wave, samplerate=sample_rate, subtype="PCM_16", format="WAV"),
         )
         annotation.insert(0, "filename", name)
         tables.append(annotation)

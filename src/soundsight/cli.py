@@ -401,6 +401,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import write_metrics
     from .prediction import evaluate
 
+    if args.events:
+        return _evaluate_events(args)
     clips = _dataset(args)
     metrics, frame, failures = evaluate(args.model, clips, args.cache)
     _print_scores(f"{args.data} ({args.split})", metrics)
@@ -422,6 +424,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         print(f"metrics written to {args.out}")
     return _report_failures(failures)
+
+
+def _evaluate_events(args: argparse.Namespace) -> int:
+    """``evaluate --events``: detect on the annotated files, score with sed_eval."""
+    import dataclasses
+
+    import pandas as pd
+
+    from .detection import DetectConfig, detect
+    from .evaluation import event_scores, psds, read_event_annotations, write_json
+    from .prediction import Classifier
+    from .tables import write_csv
+
+    classifier = Classifier.load(args.model)
+    settings = DetectConfig()
+    reference = read_event_annotations(args.events, args.data, classifier.labels)
+    names = list(dict.fromkeys(reference["filename"]))
+    paths = dict(zip(reference["path"], reference["filename"], strict=True))
+    found = detect(classifier, list(paths), settings, keep_timelines=args.psds)
+    estimated = found.events.assign(filename=found.events["filename"].map(paths))
+    scored = [n for n in names if str(Path(args.data) / n) in found.durations]
+    labels = [label for label in classifier.labels if label not in settings.background]
+    scores = event_scores(reference, estimated, labels, scored)
+    print(
+        f"{args.events}: {scores['files']} files, segment-based (1 s) F1 "
+        f"{scores['segment_f1']:.4f}, error rate {scores['segment_error_rate']:.4f}; "
+        f"event-based (200 ms collar) F1 {scores['event_f1']:.4f}, "
+        f"error rate {scores['event_error_rate']:.4f}"
+    )
+    if args.psds:
+        from .detection import find_events, thresholds
+
+        points = []
+        for level in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+            at = dataclasses.replace(settings, threshold=level)
+            tables = [
+                find_events(line, at, thresholds(classifier, at)).assign(filename=paths[path])
+                for path, line in found.timelines.items()
+            ]
+            points.append(pd.concat(tables, ignore_index=True))
+        durations = {paths[p]: d for p, d in found.durations.items()}
+        scores["psds"] = psds(reference, points, durations)
+        print(f"PSDS (9 thresholds, 0.1-0.9): {scores['psds']:.4f}")
+    print(scores["per_class"].to_string(index=False, float_format="%.3f"))
+    if args.out:
+        out = Path(args.out)
+        write_csv(estimated, out / "events.csv")
+        write_csv(scores.pop("per_class"), out / "per_class_events.csv")
+        write_json(out / "event_metrics.json", scores)
+        print(f"events and metrics written to {args.out}")
+    return _report_failures(found.failures)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -464,6 +517,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.probabilities:
         write_csv(frame, args.probabilities)
     return _report_failures(failures)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .detection import DetectConfig, detect, write_events
+    from .layouts import DatasetError, audio_files
+
+    paths, skipped = audio_files(args.paths)
+    for path, reason in skipped:
+        warnings.warn(f"skipped {path}: {reason}", stacklevel=1)
+    if not paths:
+        raise DatasetError(f"no audio files in {', '.join(args.paths)}")
+    settings = DetectConfig(
+        hop_seconds=args.hop,
+        smooth_seconds=args.smooth,
+        threshold=args.threshold,
+        min_duration=args.min_duration,
+        merge_gap=args.merge_gap,
+        background=tuple(args.background or DetectConfig.background),
+    )
+    found = detect(args.model, paths, settings, picture_folder=args.plot)
+    if args.out:
+        write_events(found, args.out)
+        print(f"{len(found.events)} events in {len(found.durations)} files written to {args.out}")
+    else:
+        print(found.events.to_string(index=False))
+    if args.plot:
+        print(f"timeline pictures written to {args.plot}")
+    return _report_failures(found.failures)
 
 
 def _report_failures(failures: list[tuple[str, str]]) -> int:
@@ -677,6 +758,13 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.set_defaults(split="test")
     p.add_argument("--out", help="folder for metrics.json, per_class.csv, confusion.csv, ...")
     p.add_argument("--cache", help="feature cache folder")
+    p.add_argument(
+        "--events",
+        help="sound-event evaluation: a DCASE CSV filename,onset,offset,event_label "
+        "(file names relative to DATA); reports segment- and event-based F1 and "
+        "error rate (sed_eval)",
+    )
+    p.add_argument("--psds", action="store_true", help="with --events: also PSDS (psds_eval)")
 
 
 def _args_predict(p: argparse.ArgumentParser) -> None:
@@ -704,6 +792,53 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
         choices=("onnx", "torch"),
         help="onnx (ONNX Runtime, an exported .onnx file; no torch needed) or torch "
         "(model.safetensors); default: onnx for a .onnx MODEL, else torch",
+    )
+
+
+def _args_detect(p: argparse.ArgumentParser) -> None:
+    from .detection import DetectConfig
+
+    d = DetectConfig()
+    p.add_argument("model", help="model file (model.safetensors)")
+    p.add_argument("paths", nargs="+", help="audio files or folders (any length)")
+    p.add_argument("--out", help="events file: .csv (DCASE columns) or .json (default: print)")
+    p.add_argument("--plot", help="folder for one PNG per file: spectrogram and event bands")
+    group = p.add_argument_group("from probabilities to events")
+    group.add_argument(
+        "--hop",
+        type=float,
+        default=d.hop_seconds,
+        help=f"seconds between windows ({d.hop_seconds})",
+    )
+    group.add_argument(
+        "--smooth",
+        type=float,
+        default=d.smooth_seconds,
+        help=f"median filter length in seconds ({d.smooth_seconds})",
+    )
+    group.add_argument(
+        "--threshold",
+        type=float,
+        help="probability at which a label is active (default: the model's tuned "
+        "per-class thresholds, else 0.5)",
+    )
+    group.add_argument(
+        "--min-duration",
+        type=float,
+        default=d.min_duration,
+        help=f"drop shorter events, seconds ({d.min_duration})",
+    )
+    group.add_argument(
+        "--merge-gap",
+        type=float,
+        default=d.merge_gap,
+        help=f"join events of a label closer than this, seconds ({d.merge_gap})",
+    )
+    group.add_argument(
+        "--background",
+        action="append",
+        help="label meaning 'nothing of interest', never an event (repeatable; "
+        "default: 'background' where the model has it)",
     )
 
 
@@ -849,6 +984,16 @@ COMMANDS = (
         "over long clips), in the Kaggle submission format.",
         _args_predict,
         cmd_predict,
+    ),
+    Command(
+        "detect",
+        "a timeline of sound events in recordings of any length",
+        "Slide the model's window along each file (read in blocks), smooth the "
+        "frame-wise probabilities with a median filter and turn them into events "
+        "(onset, offset, label, peak probability): CSV in the DCASE format or JSON, "
+        "and with --plot a PNG of the spectrogram with the event bands.",
+        _args_detect,
+        cmd_detect,
     ),
     Command(
         "serve",

@@ -101,12 +101,18 @@ class ClipView:
         return np.linspace(0, length - self.frames, count).round().astype(int)
 
     def stream_windows(
-        self, blocks: Iterable[np.ndarray], length: int, batch: int = 16
+        self,
+        blocks: Iterable[np.ndarray],
+        length: int,
+        batch: int = 16,
+        starts: Sequence[int] | None = None,
     ) -> Iterator[np.ndarray]:
         """The :meth:`windows` of a clip whose log-mel comes as consecutive column
         ``blocks`` (``length`` frames in all), ``batch`` windows at a time, holding only
-        the frames that windows still to come need."""
-        starts = list(self.starts(length))
+        the frames that windows still to come need. ``starts`` (increasing, each window
+        inside the clip) replaces the evaluation windows' first frames, e.g. a timeline's
+        regular hop (:mod:`soundsight.detection`)."""
+        starts = list(self.starts(length) if starts is None else starts)
         assert self.frames is not None and starts[0] >= 0, "stream only clips longer than a window"
         held = np.zeros((0, 0), np.float32)
         offset = 0  # frame number of held[:, 0]

@@ -203,3 +203,182 @@ def holdout(
     mask = np.zeros(len(table), bool)
     mask[valid] = True
     return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------ sound events
+
+#: Columns of an event annotation (DCASE format), as ``evaluate --events`` reads it.
+EVENT_ANNOTATION_COLUMNS = ("filename", "onset", "offset", "event_label")
+#: DCASE's settings: 1-s segments; event onsets (and offsets, within 20% of the
+#: event's length) matched within a 200 ms collar.
+SEGMENT_SECONDS = 1.0
+EVENT_COLLAR = 0.2
+OFFSET_FRACTION = 0.2
+
+
+def read_event_annotations(
+    path: str | os.PathLike, audio_root: str | os.PathLike, labels: Sequence[str]
+) -> pd.DataFrame:
+    """Read a DCASE event list ``filename,onset,offset,event_label`` (one event per row;
+    a file listed with an empty label and no times has no events) and check every row.
+
+    Returns the events with ``path``: the audio file below ``audio_root``.
+
+    Raises
+    ------
+    DatasetError
+        Naming the CSV and each bad row (its line number in the file): a column
+        missing, a time that is not a number or negative, an onset after its offset,
+        a label the model does not know, an audio file that does not exist.
+    """
+    from .tables import read_csv
+
+    table = read_csv(path)
+    missing = [c for c in EVENT_ANNOTATION_COLUMNS if c not in table.columns]
+    if missing:
+        raise DatasetError(
+            f"{path}: no column {', '.join(missing)} (need filename,onset,offset,event_label)"
+        )
+    known, root = set(labels), Path(audio_root)
+    problems, found = [], {}
+    for number, row in enumerate(table.itertuples(index=False), start=2):  # line 1: header
+        where = f"{path}, line {number}"
+        name = row.filename if isinstance(row.filename, str) else ""
+        if not name:
+            problems.append(f"{where}: no filename")
+            continue
+        if name not in found:
+            found[name] = (root / name).is_file()
+        if not found[name]:
+            problems.append(f"{where}: audio file {root / name} not found")
+        label = row.event_label if isinstance(row.event_label, str) else ""
+        blank = not label and all(pd.isna(v) or v == "" for v in (row.onset, row.offset))
+        if blank:
+            continue  # a file without events
+        try:
+            onset, offset = float(row.onset), float(row.offset)
+        except (TypeError, ValueError):
+            problems.append(f"{where}: onset {row.onset!r} / offset {row.offset!r} not numbers")
+            continue
+        if not (np.isfinite(onset) and np.isfinite(offset)) or onset < 0:
+            problems.append(f"{where}: times must be finite and >= 0 ({onset}, {offset})")
+        elif onset > offset:
+            problems.append(f"{where}: onset {onset} is after offset {offset}")
+        if label not in known:
+            problems.append(f"{where}: label {label!r} unknown to the model")
+    if problems:
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise DatasetError("bad event annotations:\n  " + "\n  ".join(problems[:20]) + more)
+    table["path"] = [str(root / name) for name in table["filename"]]
+    return table
+
+
+def _event_list(events: pd.DataFrame):
+    """sed_eval's event list of a table with :data:`EVENT_ANNOTATION_COLUMNS`."""
+    with warnings.catch_warnings():
+        # dcase_util imports pkg_resources, which warns on every recent setuptools.
+        warnings.simplefilter("ignore", UserWarning)
+        import dcase_util
+
+    rows = events.dropna(subset=["onset", "offset"])
+    rows = rows[rows["event_label"].map(lambda v: isinstance(v, str) and v != "")]
+    return dcase_util.containers.MetaDataContainer(
+        [
+            {
+                "filename": r.filename,
+                "onset": float(r.onset),
+                "offset": float(r.offset),
+                "event_label": r.event_label,
+            }
+            for r in rows.itertuples(index=False)
+        ]
+    )
+
+
+def event_scores(
+    reference: pd.DataFrame,
+    estimated: pd.DataFrame,
+    labels: Sequence[str],
+    files: Sequence[str],
+) -> dict:
+    """Segment-based (1-s segments) and event-based (200 ms collar) F1 and error rate
+    of estimated events against reference ones, with sed_eval (the DCASE reference
+    implementation), file by file.
+
+    Both tables have :data:`EVENT_ANNOTATION_COLUMNS`; ``files`` lists every file
+    scored (those with no event in either table count too). Returns the overall
+    scores and a per-class table.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        import sed_eval
+
+    segment = sed_eval.sound_event.SegmentBasedMetrics(
+        event_label_list=list(labels), time_resolution=SEGMENT_SECONDS
+    )
+    event = sed_eval.sound_event.EventBasedMetrics(
+        event_label_list=list(labels),
+        t_collar=EVENT_COLLAR,
+        percentage_of_length=OFFSET_FRACTION,
+    )
+    for name in files:
+        truth = _event_list(reference[reference["filename"] == name])
+        guess = _event_list(estimated[estimated["filename"] == name])
+        segment.evaluate(reference_event_list=truth, estimated_event_list=guess)
+        event.evaluate(reference_event_list=truth, estimated_event_list=guess)
+    overall_segment, overall_event = (
+        segment.results_overall_metrics(),
+        event.results_overall_metrics(),
+    )
+    per_segment = segment.results_class_wise_metrics()
+    per_event = event.results_class_wise_metrics()
+    per_class = pd.DataFrame(
+        [
+            {
+                "label": label,
+                "segment_f1": per_segment[label]["f_measure"]["f_measure"],
+                "segment_error_rate": per_segment[label]["error_rate"]["error_rate"],
+                "event_f1": per_event[label]["f_measure"]["f_measure"],
+                "event_error_rate": per_event[label]["error_rate"]["error_rate"],
+                "reference_events": int(per_event[label]["count"]["Nref"]),
+                "estimated_events": int(per_event[label]["count"]["Nsys"]),
+            }
+            for label in labels
+        ]
+    )
+    return {
+        "files": len(files),
+        "segment_f1": float(overall_segment["f_measure"]["f_measure"]),
+        "segment_error_rate": float(overall_segment["error_rate"]["error_rate"]),
+        "event_f1": float(overall_event["f_measure"]["f_measure"]),
+        "event_error_rate": float(overall_event["error_rate"]["error_rate"]),
+        "per_class": per_class,
+    }
+
+
+def psds(
+    reference: pd.DataFrame,
+    operating_points: Sequence[pd.DataFrame],
+    durations: dict[str, float],
+) -> float:
+    """The polyphonic sound detection score (psds_eval, DCASE 2020-: default
+    tolerances 0.5/0.5/0.3, no cross-trigger or instability cost, eFPR up to 100 per
+    hour) over detections made at several thresholds (one table each)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from psds_eval import PSDSEval
+
+    columns = list(EVENT_ANNOTATION_COLUMNS)
+    truth = reference.dropna(subset=["onset", "offset"])[columns]
+    truth = truth[truth["event_label"].map(lambda v: isinstance(v, str) and v != "")]
+    metadata = pd.DataFrame({"filename": list(durations), "duration": list(durations.values())})
+    evaluator = PSDSEval(
+        dtc_threshold=0.5,
+        gtc_threshold=0.5,
+        cttc_threshold=0.3,
+        ground_truth=truth.astype({"onset": float, "offset": float}),
+        metadata=metadata,
+    )
+    for detections in operating_points:
+        evaluator.add_operating_point(detections[columns].reset_index(drop=True))
+    return float(evaluator.psds(alpha_ct=0.0, alpha_st=0.0, max_efpr=100).value)

@@ -175,6 +175,13 @@ class ServeConfig:
         return self.capacity * (self.max_upload_bytes + MULTIPART_OVERHEAD)
 
 
+class Event(BaseModel):
+    onset: float = Field(description="seconds from the start of the clip")
+    offset: float
+    event_label: str
+    probability: float = Field(ge=0, le=1, description="peak smoothed probability")
+
+
 class Prediction(BaseModel):
     label: str
     probability: float = Field(ge=0, le=1)
@@ -199,6 +206,9 @@ class PredictResponse(BaseModel):
     queue_ms: float = Field(description="time spent waiting for a worker")
     spectrogram_png: str | None = Field(
         None, description="log-mel spectrogram as a base64 PNG (with ?spectrogram=true)"
+    )
+    events: list[Event] | None = Field(
+        None, description="the clip's sound events, in time order (with ?timeline=true)"
     )
 
 
@@ -274,7 +284,9 @@ class _Analyser:
     def __init__(self, classifier: ClipScorer, settings: ServeConfig):
         self.classifier, self.settings = classifier, settings
 
-    def __call__(self, data: bytes, name: str, top_k: int, image: bool) -> dict[str, Any]:
+    def __call__(
+        self, data: bytes, name: str, top_k: int, image: bool, timeline: bool = False
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         clf, limit = self.classifier, self.settings.max_duration
         try:
@@ -306,15 +318,37 @@ class _Analyser:
             result["notice"] = f"clip is {length}; analysed its first {limit:g} s only"
         if image:
             result["spectrogram_png"] = base64.b64encode(clf.spectrogram_png(db)).decode("ascii")
+        if timeline:  # the events of soundsight detect, on the analysed part
+            result["events"] = _timeline_events(clf, db)
         result["processing_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return result
 
     def queued(
-        self, queued: float, data: bytes, name: str, top_k: int, image: bool
+        self, queued: float, data: bytes, name: str, top_k: int, image: bool, timeline: bool
     ) -> tuple[dict[str, Any], float]:
         """The job a worker runs: the analysis and the ms it waited since ``queued``."""
         waited = (time.perf_counter() - queued) * 1000
-        return self(data, name, top_k, image), waited
+        return self(data, name, top_k, image, timeline), waited
+
+
+def _timeline_events(clf: ClipScorer, db: np.ndarray) -> list[dict[str, Any]]:
+    """The events of ``soundsight detect`` in an analysed clip's log-mel."""
+    from .detection import DetectConfig, find_events, thresholds
+    from .detection import timeline as frame_timeline
+    from .prediction import Classifier
+
+    if not isinstance(clf, Classifier):
+        # Sliding windows over a log-mel run through the torch scorer; the ONNX graph
+        # takes whole clips.
+        raise ApiError(
+            400,
+            "timeline_needs_torch",
+            "timelines are computed by the torch runtime; serve the .safetensors model "
+            "(--runtime torch) to get them",
+        )
+    line = frame_timeline(clf, db.shape[1], [db])
+    events = find_events(line, DetectConfig(), thresholds(clf, DetectConfig()))
+    return events.to_dict("records")
 
 
 #: glibc's ``mallopt`` parameters (malloc.h): ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``.
@@ -665,6 +699,9 @@ def create_app(
         filename: Annotated[
             str | None, Query(max_length=255, description="name of a raw-body upload")
         ] = None,
+        timeline: Annotated[
+            bool, Query(description="include the clip's sound events (soundsight detect)")
+        ] = False,
     ) -> dict[str, Any]:
         media_type = _media_type(request.headers.get("content-type"))
         _check_body_type(media_type, filename)
@@ -694,7 +731,9 @@ def create_app(
             state["pending"] += 1
             admitted = True
             k = top_k or min(settings.top_k, count)
-            future = pool.submit(analyse.queued, time.perf_counter(), data, name, k, spectrogram)
+            future = pool.submit(
+                analyse.queued, time.perf_counter(), data, name, k, spectrogram, timeline
+            )
             submitted = True
             # The pool's work item holds the upload from now on, and drops it as soon as
             # the job ends (in the worker), whenever this handler ends.

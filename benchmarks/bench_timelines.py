@@ -1,0 +1,216 @@
+"""Benchmark: sound-event timelines (issue #14).
+
+1. Trains a detector on the training side: 1.5-s clips of FSDD training-side digits
+   (speaker index 5-49) and ESC-50 event clips of even ``src_file``, each over ambience
+   of even ``src_file`` (rain, wind, crickets, sea waves, insects, fire), plus ambience
+   alone as ``background`` (``soundscapes.write_examples``).
+2. Builds 20 soundscapes of 60 s from the other side (FSDD test-side digits, ESC events
+   and ambience of odd ``src_file``; ``soundscapes.write_soundscapes``), runs ``detect``
+   and scores it with sed_eval: segment-based F1 (1-s segments, goal >= 0.80) and
+   event-based F1 (200 ms collar), plus PSDS.
+3. ``soundsight detect`` on a 1-hour and a 3-hour 44.1 kHz FLAC (ESC clips end to
+   end): wall time (goal <= 60 s for an hour) and peak RSS (goal <= 1.2 GB), each in its
+   own process (``wait4`` rusage).
+
+Nothing is committed as audio: everything is written under ``--work`` (default
+/tmp/bench_timelines). ``--quick`` runs a small version of each step (a few epochs,
+3 soundscapes of 20 s, a 5-minute file), to check the script; its figures mean nothing.
+
+    nice -n 19 python benchmarks/bench_timelines.py [--quick] [--skip-speed]
+
+Writes ``benchmarks/results/timelines.json`` and ``.md`` (``timelines_quick.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from bench_predict_memory import long_recording, peak_rss_mb
+from machine import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+RESULTS = ROOT / "benchmarks" / "results"
+AMBIENT = ("rain", "wind", "crickets", "sea_waves", "insects", "crackling_fire")
+#: ESC-50 classes placed as events (short, distinct sounds).
+EVENTS = ("dog", "rooster", "church_bells", "car_horn", "door_wood_knock", "glass_breaking")
+SEGMENT_F1_GOAL = 0.80
+WALL_GOAL_S = 60.0
+RSS_GOAL_MB = 1200
+
+
+def esc_side(side: int, categories: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """ESC clips of these categories on one side (``src_file`` parity)."""
+    meta = pd.read_csv(DATA / "esc50-fold2" / "meta" / "esc50.csv")
+    meta = meta[meta["category"].isin(categories) & (meta["src_file"] % 2 == side)]
+    return [
+        (DATA / "esc50-fold2" / "audio" / f, c)
+        for f, c in zip(meta.filename, meta.category, strict=True)
+    ]
+
+
+def digits(test_side: bool, per_digit: int) -> list[tuple[Path, str]]:
+    picked = []
+    for digit in range(10):
+        paths = sorted((DATA / "fsdd" / "recordings").glob(f"{digit}_*.wav"))
+        side = [p for p in paths if (int(p.stem.split("_")[2]) < 5) == test_side]
+        side.sort(key=lambda p: (int(p.stem.split("_")[2]), p.name))
+        picked += [(p, str(digit)) for p in side[:per_digit]]
+    return picked
+
+
+def train_detector(work: Path, quick: bool) -> Path:
+    from soundsight import load_dataset
+    from soundsight.soundscapes import write_examples
+    from soundsight.training import TrainConfig, train
+
+    model = work / "run" / "model.safetensors"
+    if model.is_file():
+        return model
+    ambient = [p for p, _ in esc_side(0, AMBIENT)]
+    events = digits(False, 8 if quick else 60) + esc_side(0, EVENTS) * (1 if quick else 6)
+    write_examples(work / "clips", events, ambient, backgrounds=40 if quick else 300, seconds=1.5)
+    config = TrainConfig(stage1_epochs=0, stage2_epochs=2) if quick else TrainConfig()
+    train(load_dataset(work / "clips", "folder"), work / "run", config=config, cache=work / "cache")
+    return model
+
+
+def accuracy(model: Path, work: Path, quick: bool) -> dict:
+    from soundsight.detection import DetectConfig, detect, find_events, plot_timeline, thresholds
+    from soundsight.evaluation import event_scores, psds
+    from soundsight.prediction import Classifier
+    from soundsight.soundscapes import write_soundscapes
+
+    count, seconds = (3, 20.0) if quick else (20, 60.0)
+    pool = digits(True, 5) + esc_side(1, EVENTS)
+    annotation = write_soundscapes(
+        work / "scapes",
+        count,
+        [p for p, _ in esc_side(1, AMBIENT)],
+        pool,
+        per_scape=4 if quick else 12,
+        seconds=seconds,
+        seed=1,
+    )
+    reference = pd.read_csv(annotation, dtype={"event_label": str})
+    classifier = Classifier.load(model)
+    names = sorted(reference["filename"].unique())
+    started = time.perf_counter()
+    found = detect(classifier, [work / "scapes" / n for n in names], keep_timelines=True)
+    wall = time.perf_counter() - started
+    estimated = found.events.assign(filename=found.events["filename"].map(lambda p: Path(p).name))
+    labels = [label for label in classifier.labels if label != "background"]
+    scores = event_scores(reference, estimated, labels, names)
+    points = []
+    for level in np.arange(0.1, 1.0, 0.1):
+        settings = DetectConfig(threshold=float(level))
+        points.append(
+            pd.concat(
+                [
+                    find_events(line, settings, thresholds(classifier, settings)).assign(
+                        filename=Path(path).name
+                    )
+                    for path, line in found.timelines.items()
+                ]
+            )
+        )
+    # The README's picture: the first soundscape's timeline.
+    first = str(work / "scapes" / names[0])
+    figure = plot_timeline(
+        found.timelines[first], found.events[found.events["filename"] == first], classifier.features
+    )
+    figure.savefig(RESULTS / ("timeline_quick.png" if quick else "timeline.png"), dpi=110)
+    durations = {Path(p).name: d for p, d in found.durations.items()}
+    per_class = scores.pop("per_class")
+    return {
+        "soundscapes": count,
+        "seconds_each": seconds,
+        "reference_events": len(reference),
+        "estimated_events": len(estimated),
+        **{k: round(v, 4) for k, v in scores.items() if k != "files"},
+        "psds": round(psds(reference, points, durations), 4),
+        "detect_wall_s": round(wall, 1),
+        "per_class": per_class.round(4).to_dict("records"),
+    }
+
+
+def speed(model: Path, work: Path, quick: bool) -> list[dict]:
+    rows = []
+    for minutes in (5,) if quick else (60, 180):
+        path = long_recording(work / f"long_{minutes}min.flac", minutes)
+        out = work / f"events_{minutes}.csv"
+        command = [sys.executable, "-m", "soundsight.cli", "detect", str(model), str(path)]
+        rss, wall, status = peak_rss_mb([*command, "--out", str(out)])
+        rows.append(
+            {
+                "minutes": minutes,
+                "exit_status": status,
+                "wall_s": round(wall, 1),
+                "x_real_time": round(minutes * 60 / wall, 1),
+                "peak_rss_mb": round(rss),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run, to check the script")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_timelines"))
+    parser.add_argument("--model", type=Path, help="a trained detector (skips training)")
+    parser.add_argument("--skip-speed", action="store_true", help="no 1-hour / 3-hour runs")
+    args = parser.parse_args()
+    work = args.work / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.UTC)
+    model = args.model or train_detector(work, args.quick)
+    result = {
+        "started": started.isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "quick": args.quick,
+        "model": str(model),
+        "timelines": accuracy(model, work, args.quick),
+    }
+    print(json.dumps({k: v for k, v in result["timelines"].items() if k != "per_class"}))
+    if not args.skip_speed:
+        result["detect_long_files"] = speed(model, work, args.quick)
+    stem = "timelines_quick" if args.quick else "timelines"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# Timelines ({result['started']}, {result['cpu']}{', quick' if args.quick else ''})",
+        "",
+        "| figure | measured | goal |",
+        "|---|---:|---:|",
+    ]
+    line = result["timelines"]
+    lines += [
+        f"| segment-based F1 (1 s), {line['soundscapes']} x {line['seconds_each']:g} s "
+        f"| {line['segment_f1']:.3f} | >= {SEGMENT_F1_GOAL} |",
+        f"| segment-based error rate | {line['segment_error_rate']:.3f} | |",
+        f"| event-based F1 (200 ms collar) | {line['event_f1']:.3f} | |",
+        f"| event-based error rate | {line['event_error_rate']:.3f} | |",
+        f"| PSDS (9 thresholds) | {line['psds']:.3f} | |",
+    ]
+    for row in result.get("detect_long_files", []):
+        lines += [
+            f"| detect, {row['minutes']} min 44.1 kHz: wall | {row['wall_s']} s "
+            f"({row['x_real_time']}x real time) | <= {WALL_GOAL_S * row['minutes'] / 60:g} s |",
+            f"| detect, {row['minutes']} min: peak RSS | {row['peak_rss_mb']} MB "
+            f"| <= {RSS_GOAL_MB} MB |",
+        ]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""Sound-event timelines: when does each sound happen in a recording of any length.
+
+A trained model scores overlapping windows slid along the recording at a regular hop
+(:class:`DetectConfig.hop_seconds`); each window's probabilities stand for the hop-wide
+frame around its centre. The frame-wise probabilities are smoothed by a median filter
+along time (scipy), and each label's active frames (probability at or above its
+threshold) become events: runs closer than ``merge_gap`` are joined, runs shorter than
+``min_duration`` dropped. An event is ``(onset, offset, event_label, probability)``
+with the peak smoothed probability, the DCASE format ``evaluate --events`` reads.
+
+Everything goes through the pieces prediction uses: the featuriser's block stream
+(:meth:`~soundsight.features.Featuriser.stream`: the file is read in blocks, so memory
+does not grow with its length), :meth:`~soundsight.data.ClipView.stream_windows` and
+the one windowed scorer (:func:`~soundsight.prediction.score_windows`). What grows with
+the length is one row of probabilities per hop (a 3-hour file at 0.25 s and 60 labels:
+10 MB) and nothing else; the picture's spectrogram is pooled to a fixed width while the
+blocks stream past.
+
+Which labels are "nothing here": a multi-label model's thresholds say it (no label
+above its threshold). A single-label model always names some label, so a label listed
+in :attr:`DetectConfig.background` (by default ``background``, where the model has
+one) is never an event, and the probability threshold decides the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .audio import AudioError, clip_duration
+from .errors import ConfigError
+from .files import write_whole
+from .prediction import STREAM_SECONDS, Classifier, score_windows
+from .tables import write_csv
+
+#: Columns of an events table, in the DCASE order (plus the peak probability).
+EVENT_COLUMNS = ("filename", "onset", "offset", "event_label", "probability")
+#: Width (columns) the picture's spectrogram is pooled to, whatever the file's length.
+PICTURE_COLUMNS = 2000
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """How frame-wise probabilities become events.
+
+    Attributes
+    ----------
+    hop_seconds : float
+        Step between consecutive windows: the timeline's resolution.
+    smooth_seconds : float
+        Length of the median filter along time (rounded to an odd number of hops;
+        one hop or less: no smoothing).
+    threshold : float or None
+        Probability at which a label is active; None takes the model's tuned
+        per-class thresholds where it has them, else 0.5.
+    min_duration : float
+        Events shorter than this (seconds) are dropped.
+    merge_gap : float
+        Events of one label separated by less than this (seconds) are joined.
+    background : tuple of str
+        Labels that mean "none of the sounds of interest" (never events); names the
+        model does not have are ignored.
+    """
+
+    hop_seconds: float = 0.25
+    smooth_seconds: float = 0.75
+    threshold: float | None = None
+    min_duration: float = 0.1
+    merge_gap: float = 0.3
+    background: tuple[str, ...] = ("background",)
+
+    def __post_init__(self):
+        if not (math.isfinite(self.hop_seconds) and 0.01 <= self.hop_seconds <= 10):
+            raise ConfigError(f"hop_seconds must be 0.01 to 10, got {self.hop_seconds}")
+        for name in ("smooth_seconds", "min_duration", "merge_gap"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+        object.__setattr__(self, "background", tuple(self.background))
+
+
+@dataclass
+class Timeline:
+    """Frame-wise probabilities of one recording.
+
+    Attributes
+    ----------
+    labels : list of str
+        The model's labels (columns of ``probabilities``).
+    centres : np.ndarray
+        ``(frames,)`` seconds: the centre of each scored window.
+    probabilities : np.ndarray
+        ``(frames, labels)`` float32, one row per window.
+    duration : float
+        Seconds of audio in the recording.
+    window_seconds : float
+        Length of each scored window.
+    spectrogram : np.ndarray
+        The log-mel (dB) pooled along time to at most :data:`PICTURE_COLUMNS` columns
+        (each the loudest of the frames it covers), for pictures.
+    """
+
+    labels: list[str]
+    centres: np.ndarray
+    probabilities: np.ndarray
+    duration: float
+    window_seconds: float
+    spectrogram: np.ndarray = field(repr=False)
+
+    @property
+    def edges(self) -> np.ndarray:
+        """``(frames + 1,)`` seconds: frame ``i`` covers ``edges[i]`` to ``edges[i + 1]``
+        (midpoints between window centres; the first from 0, the last to the end)."""
+        middles = (self.centres[1:] + self.centres[:-1]) / 2
+        return np.concatenate([[0.0], middles, [self.duration]])
+
+
+class _PooledSpectrogram:
+    """The loudest value of each group of ``width`` consecutive frames, collected from
+    the blocks as they pass (the picture of an hour without holding the hour)."""
+
+    def __init__(self, frames: int, columns: int = PICTURE_COLUMNS):
+        self.width = max(1, -(-frames // columns))
+        self.carry: np.ndarray | None = None
+        self.pooled: list[np.ndarray] = []
+
+    def tap(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for block in blocks:
+            held = block if self.carry is None else np.concatenate([self.carry, block], axis=1)
+            whole = held.shape[1] // self.width * self.width
+            if whole:
+                groups = held[:, :whole].reshape(held.shape[0], -1, self.width)
+                self.pooled.append(groups.max(-1))
+            self.carry = held[:, whole:]
+            yield block
+
+    def result(self) -> np.ndarray:
+        parts = list(self.pooled)
+        if self.carry is not None and self.carry.shape[1]:
+            parts.append(self.carry.max(1, keepdims=True))
+        return np.concatenate(parts, axis=1)
+
+
+def window_starts(frames: int, window: int, hop: int) -> np.ndarray:
+    """First frame of each timeline window: every ``hop`` frames, plus one window
+    flush with the end, so the whole recording is covered (one window for a recording
+    no longer than a window, at 0)."""
+    if frames <= window:
+        return np.array([0])
+    starts = np.arange(0, frames - window + 1, hop)
+    if starts[-1] != frames - window:
+        starts = np.append(starts, frames - window)
+    return starts
+
+
+def timeline(
+    classifier: Classifier,
+    frames: int,
+    blocks: Iterable[np.ndarray],
+    hop_seconds: float = DetectConfig.hop_seconds,
+    progress: bool = False,
+    name: str = "",
+) -> Timeline:
+    """Frame-wise probabilities of a recording given as its log-mel in column
+    ``blocks`` (``frames`` in all, as :meth:`Featuriser.stream` yields them), scored
+    window by window by the one windowed scorer.
+
+    Raises
+    ------
+    ConfigError
+        The model sees whole squashed clips (``--recipe seed``), not windows.
+    """
+    view, features = classifier.view, classifier.features
+    if view.frames is None:
+        raise ConfigError(
+            "detect needs a model trained on crops; this one squashes whole clips "
+            "(--recipe seed) and cannot place sounds in time"
+        )
+    hop = max(1, round(hop_seconds * features.sample_rate / features.hop_length))
+    starts = window_starts(frames, view.frames, hop)
+    pooled = _PooledSpectrogram(frames)
+    blocks = pooled.tap(blocks)
+    if frames <= view.frames:
+        batches: Iterable[np.ndarray] = [view.windows(np.concatenate(list(blocks), axis=1))]
+    else:
+        batches = view.stream_windows(blocks, frames, starts=starts.tolist())
+
+    def one_window_each() -> Iterator[list[np.ndarray]]:
+        with tqdm(
+            total=len(starts), desc=f"detect {name}".strip(), unit="window", disable=not progress
+        ) as bar:
+            for batch in batches:
+                bar.update(len(batch))
+                yield from ([window[None]] for window in batch)
+
+    # Each window is its own "clip" for the scorer: one probability row per window,
+    # windows still sharing forward passes.
+    rows = [p for p, _ in score_windows(classifier.net, one_window_each())]
+    duration = features.frames_to_seconds(frames)
+    if frames <= view.frames:
+        centres = np.array([duration / 2])
+    else:  # seconds, as FeatureConfig.frames_to_seconds, for every window at once
+        centres = (starts + view.frames / 2) * features.hop_length / features.sample_rate
+    return Timeline(
+        labels=list(classifier.labels),
+        centres=np.asarray(centres, np.float64),
+        probabilities=np.stack(rows).astype(np.float32),
+        duration=float(duration),
+        window_seconds=float(features.frames_to_seconds(view.frames)),
+        spectrogram=pooled.result(),
+    )
+
+
+def file_timeline(
+    classifier: Classifier,
+    path: str | os.PathLike,
+    hop_seconds: float = DetectConfig.hop_seconds,
+    progress: bool = False,
+) -> Timeline:
+    """:func:`timeline` of an audio file: read in blocks when longer than
+    :data:`~soundsight.prediction.STREAM_SECONDS`, else decoded whole.
+
+    Raises
+    ------
+    AudioError
+        The file cannot be read as audio.
+    """
+    if clip_duration(path) > STREAM_SECONDS:
+        frames, blocks = classifier.featurise.stream(path)
+    else:
+        db = classifier.log_mel(path)
+        frames, blocks = db.shape[1], iter([db])
+    return timeline(classifier, frames, blocks, hop_seconds, progress, Path(path).name)
+
+
+def thresholds(classifier: Classifier, settings: DetectConfig) -> np.ndarray:
+    """Per-label thresholds: the setting's, else the model's tuned ones, else 0.5."""
+    tuned = getattr(classifier.spec, "thresholds", ())
+    if settings.threshold is not None or not tuned:
+        value = 0.5 if settings.threshold is None else settings.threshold
+        return np.full(len(classifier.labels), value, np.float32)
+    return np.asarray(tuned, np.float32)
+
+
+def _contiguous_regions(active: np.ndarray) -> np.ndarray:
+    """``(k, 2)`` first and past-last frame of each run of True, with dcase_util's
+    decision encoder (the DCASE baselines' own post-processing)."""
+    with warnings.catch_warnings():
+        # dcase_util imports pkg_resources, which warns on every recent setuptools.
+        warnings.simplefilter("ignore", UserWarning)
+        from dcase_util.data import DecisionEncoder
+
+    if not active.any():
+        return np.zeros((0, 2), int)
+    return DecisionEncoder().find_contiguous_regions(active)
+
+
+def run_bounds(line: Timeline, first: int, past: int) -> tuple[float, float]:
+    """Onset and offset (seconds) of a sound that made windows ``first`` to ``past - 1``
+    (consecutive) active.
+
+    A run spanning less than one window is a sound shorter than a window: the windows
+    that hold all of it start after its onset and end after its offset, so the sound is
+    where they all overlap (from the last window's start to the first window's end).
+    A longer run is a longer sound, which no window holds whole: it is the frames
+    around the centres of its windows. (Measured on digits of about 0.45 s in 1-s
+    windows: centres put onsets 0.25-0.35 s early, the overlap within 0.05 s.)
+    """
+    half = line.window_seconds / 2
+    spread = line.centres[past - 1] - line.centres[first]
+    if spread < line.window_seconds:
+        onset, offset = line.centres[past - 1] - half, line.centres[first] + half
+    else:
+        onset, offset = line.edges[first], line.edges[past]
+    return max(0.0, float(onset)), min(line.duration, float(offset))
+
+
+def find_events(
+    line: Timeline, settings: DetectConfig, label_thresholds: Sequence[float] | np.ndarray
+) -> pd.DataFrame:
+    """Events ``onset, offset, event_label, probability`` (seconds; the peak smoothed
+    probability), sorted by onset, from a timeline's frame-wise probabilities: each
+    label's runs of frames at or above its threshold (after the median filter), placed
+    by :func:`run_bounds`, joined across gaps shorter than ``merge_gap``, kept from
+    ``min_duration`` on."""
+    from scipy.ndimage import median_filter
+
+    hops = np.diff(line.centres)
+    hop = float(np.median(hops)) if len(hops) else line.duration
+    size = max(1, round(settings.smooth_seconds / hop)) | 1  # odd: centred
+    smoothed = median_filter(line.probabilities, size=(size, 1), mode="nearest")
+    rows: list[tuple[float, float, str, float]] = []
+    for column, label in enumerate(line.labels):
+        if label in settings.background:
+            continue
+        merged: list[list[float]] = []  # [onset, offset, peak]
+        for first, past in _contiguous_regions(smoothed[:, column] >= label_thresholds[column]):
+            onset, offset = run_bounds(line, first, past)
+            peak = float(smoothed[first:past, column].max())
+            if merged and onset - merged[-1][1] < settings.merge_gap:
+                merged[-1][1:] = [max(merged[-1][1], offset), max(merged[-1][2], peak)]
+            else:
+                merged.append([onset, offset, peak])
+        rows.extend(
+            (round(onset, 3), round(offset, 3), label, round(peak, 4))
+            for onset, offset, peak in merged
+            if offset - onset >= settings.min_duration
+        )
+    events = pd.DataFrame(rows, columns=list(EVENT_COLUMNS[1:]))
+    return events.sort_values(["onset", "event_label"], kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class Detection:
+    """What :func:`detect` found.
+
+    Attributes
+    ----------
+    events : pandas.DataFrame
+        :data:`EVENT_COLUMNS`, every file's events in the order of the files.
+    durations : dict
+        Seconds of audio of each file read.
+    failures : list of (str, str)
+        Files that could not be read, with the reason.
+    timelines : dict
+        Each file's :class:`Timeline` (only with ``keep_timelines``).
+    """
+
+    events: pd.DataFrame
+    durations: dict[str, float]
+    failures: list[tuple[str, str]]
+    timelines: dict[str, Timeline] = field(default_factory=dict)
+
+
+def detect(
+    model: str | os.PathLike | Classifier,
+    paths: Sequence[str | os.PathLike],
+    settings: DetectConfig | None = None,
+    progress: bool = True,
+    keep_timelines: bool = False,
+    picture_folder: str | os.PathLike | None = None,
+) -> Detection:
+    """Sound events in audio files of any length.
+
+    Parameters
+    ----------
+    model : path or Classifier
+        A model file or a loaded classifier.
+    paths : sequence of path-like
+        Audio files; one that cannot be read is reported, never stops the rest.
+    settings : DetectConfig, optional
+        Hop, smoothing, thresholds, minimum duration, gap merging, background labels.
+    progress : bool
+        Show a progress bar per file (windows scored).
+    keep_timelines : bool
+        Also return each file's frame-wise probabilities.
+    picture_folder : path-like, optional
+        Write ``<file stem>.png`` there for each file: the spectrogram with the event
+        bands under it (:func:`plot_timeline`).
+
+    Returns
+    -------
+    Detection
+        Events (DCASE columns plus the peak probability), durations, failures.
+
+    Examples
+    --------
+    >>> found = detect("runs/esc/model.safetensors", ["street.flac"])
+    >>> found.events.head(1)
+         filename  onset  offset event_label  probability
+    0  street.flac   3.25    4.75    car_horn       0.9312
+    """
+    settings = settings or DetectConfig()
+    classifier = model if isinstance(model, Classifier) else Classifier.load(model)
+    limits = thresholds(classifier, settings)
+    tables, durations, failures, kept = [], {}, [], {}
+    for path in paths:
+        try:
+            line = file_timeline(classifier, path, settings.hop_seconds, progress)
+        except AudioError as err:
+            failures.append((str(path), err.reason))
+            continue
+        events = find_events(line, settings, limits)
+        events.insert(0, "filename", str(path))
+        tables.append(events)
+        durations[str(path)] = line.duration
+        if keep_timelines:
+            kept[str(path)] = line
+        if picture_folder is not None:
+            figure = plot_timeline(line, events, classifier.features)
+            target = Path(picture_folder) / f"{Path(path).stem}.png"
+            write_whole(target, partial(figure.savefig, format="png", dpi=110))
+    events = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=EVENT_COLUMNS)
+    return Detection(events, durations, failures, kept)
+
+
+def write_events(found: Detection, out: str | os.PathLike) -> Path:
+    """Write the events: ``.json`` (per file: duration, events; plus the failures),
+    else CSV (the DCASE columns ``filename,onset,offset,event_label`` plus
+    ``probability``); written whole (temporary name, then renamed)."""
+    out = Path(out)
+    if out.suffix.lower() != ".json":
+        return write_csv(found.events, out)
+    files = [
+        {
+            "filename": name,
+            "duration_s": round(duration, 3),
+            "events": found.events.loc[found.events["filename"] == name, list(EVENT_COLUMNS[1:])]
+            .astype(object)
+            .to_dict("records"),
+        }
+        for name, duration in found.durations.items()
+    ]
+    record = {
+        "files": files,
+        "failures": [{"filename": p, "reason": r} for p, r in found.failures],
+    }
+    text = json.dumps(record, indent=1).encode("utf-8")
+    return write_whole(out, lambda file: file.write(text))
+
+
+def plot_timeline(line: Timeline, events: pd.DataFrame, features):
+    """A matplotlib Figure: the spectrogram (time in s, mel-spaced Hz) with, under it on
+    the same time axis, one row of bands per label that has events (shaded by peak
+    probability) over that label's frame-wise probability."""
+    from matplotlib.figure import Figure
+
+    from .features import colorize
+    from .plots import OKABE_ITO, SPECTROGRAM_CMAP, mel_ticks
+
+    found = list(dict.fromkeys(events["event_label"])) if len(events) else []
+    figure = Figure(figsize=(10, 2.6 + 0.35 * max(1, len(found))), layout="constrained")
+    top, bottom = figure.subplots(
+        2, 1, sharex=True, height_ratios=[2.2, 0.35 * max(1, len(found)) + 0.3]
+    )
+    n_mels = line.spectrogram.shape[0]
+    top.imshow(
+        colorize(line.spectrogram, features.floor_db, SPECTROGRAM_CMAP),
+        aspect="auto",
+        extent=(0, line.duration, 0, n_mels),
+        interpolation="nearest",
+    )
+    ticks, names = mel_ticks(features, n_mels)
+    top.set_yticks(ticks, names)
+    top.set_ylabel("Hz")
+    edges = line.edges
+    for row, label in enumerate(found):
+        colour = OKABE_ITO[row % len(OKABE_ITO)]
+        column = line.labels.index(label)
+        # The label's probability as a step curve inside its row, then its events.
+        bottom.stairs(
+            row + 0.1 + 0.8 * line.probabilities[:, column],
+            edges,
+            baseline=row + 0.1,
+            fill=True,
+            color=colour,
+            alpha=0.25,
+            linewidth=0,
+        )
+        mine = events[events["event_label"] == label]
+        bottom.broken_barh(
+            list(zip(mine["onset"], mine["offset"] - mine["onset"], strict=True)),
+            (row + 0.1, 0.8),
+            facecolors=colour,
+            alpha=0.8,
+        )
+    bottom.set_yticks([r + 0.5 for r in range(len(found))], found)
+    bottom.set_ylim(0, max(1, len(found)))
+    bottom.set_xlim(0, line.duration)
+    bottom.set_xlabel("time (s)")
+    if not found:
+        bottom.text(0.5, 0.5, "no events", transform=bottom.transAxes, ha="center", va="center")
+    for ax in (top, bottom):
+        ax.tick_params(labelsize=7)
+    return figure

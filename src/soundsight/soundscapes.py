@@ -1,0 +1,199 @@
+"""Soundscapes with known events: real event clips placed over real ambience.
+
+For testing and measuring sound-event detection where no annotated recordings are at
+hand: ambient clips (rain, wind, crickets...) joined into a bed of the wanted length,
+event clips (spoken digits, dog barks...) trimmed of their leading and trailing
+silence (librosa) and added at random, non-overlapping onsets at a chosen
+signal-to-noise ratio. The annotation is the DCASE table ``filename, onset, offset,
+event_label`` that ``soundsight evaluate --events`` reads.
+
+A small generator of our own rather than scaper (the DCASE synthesiser): scaper is not
+a dependency, and what is needed here is a few lines of placement and scaling.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+from .audio import load_clip
+from .errors import ConfigError
+from .files import write_whole
+from .tables import write_csv
+
+#: Columns of an annotation (the DCASE event list format).
+ANNOTATION_COLUMNS = ("filename", "onset", "offset", "event_label")
+
+
+def _rms(wave: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) or 1e-12
+
+
+def trimmed(wave: np.ndarray, top_db: float = 30.0) -> np.ndarray:
+    """The clip without its leading and trailing stretches quieter than ``top_db``
+    below its loudest frame (so an annotation covers the sound, not padding)."""
+    import librosa
+
+    return librosa.effects.trim(wave, top_db=top_db, frame_length=512, hop_length=128)[0]
+
+
+def ambience(
+    paths: Sequence[str | os.PathLike],
+    seconds: float,
+    sample_rate: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A bed of ``seconds`` from random ambient clips joined end to end (from a random
+    point of the first), each brought to the same loudness (RMS 0.05) so the joins do
+    not jump."""
+    if not paths:
+        raise ConfigError("a soundscape needs at least one ambient clip")
+    need = int(round(seconds * sample_rate))
+    parts: list[np.ndarray] = []
+    start = have = 0
+    while have < start + need:
+        wave = load_clip(paths[int(rng.integers(len(paths)))], sample_rate)
+        if not parts:
+            start = int(rng.integers(len(wave)))
+        parts.append(wave * (0.05 / _rms(wave)))
+        have += len(wave)
+    return np.concatenate(parts)[start : start + need].astype(np.float32)
+
+
+def make_soundscape(
+    ambient: Sequence[str | os.PathLike],
+    events: Sequence[tuple[str | os.PathLike, str]],
+    seconds: float,
+    sample_rate: int,
+    rng: np.random.Generator,
+    snr_db: tuple[float, float] = (6.0, 15.0),
+    min_gap: float = 0.5,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """One soundscape: ``events`` (path, label) over ambience, in random order.
+
+    Parameters
+    ----------
+    ambient : sequence of path-like
+        Ambient clips for the bed.
+    events : sequence of (path, label)
+        Clips to place, each once (trimmed of silence at both ends).
+    seconds, sample_rate
+        Length and rate of the soundscape.
+    rng : numpy.random.Generator
+        Onsets, order, SNRs and ambient clips are drawn from it.
+    snr_db : (low, high)
+        Each event's RMS over the bed's, in dB, drawn uniformly from this range.
+    min_gap : float
+        Seconds at least between two events (and before the first).
+
+    Returns
+    -------
+    wave, annotation
+        The mono float32 soundscape (peak at most 0.95) and its events
+        ``onset, offset, event_label`` (seconds), sorted by onset.
+    """
+    bed = ambience(ambient, seconds, sample_rate, rng)
+    clips = [(trimmed(load_clip(path, sample_rate)), label) for path, label in events]
+    order = rng.permutation(len(clips))
+    gap = int(round(min_gap * sample_rate))
+    free = len(bed) - sum(len(c) for c, _ in clips) - gap * (len(clips) + 1)
+    if free < 0:
+        raise ConfigError(f"{len(clips)} events with {min_gap} s gaps do not fit in {seconds} s")
+    # The spare time split at random among the gaps: onsets random, never overlapping.
+    spare = (rng.dirichlet(np.ones(len(clips) + 1)) * free).astype(int)
+    rows, at = [], 0
+    for slot, index in enumerate(order):
+        clip, label = clips[index]
+        at += gap + spare[slot]
+        gain = 10 ** (rng.uniform(*snr_db) / 20) * _rms(bed[at : at + len(clip)]) / _rms(clip)
+        bed[at : at + len(clip)] += gain * clip
+        rows.append((at / sample_rate, (at + len(clip)) / sample_rate, label))
+        at += len(clip)
+    peak = float(np.abs(bed).max())
+    if peak > 0.95:
+        bed *= 0.95 / peak
+    annotation = pd.DataFrame(rows, columns=list(ANNOTATION_COLUMNS[1:])).round(4)
+    return bed, annotation
+
+
+def write_soundscapes(
+    folder: str | os.PathLike,
+    count: int,
+    ambient: Sequence[str | os.PathLike],
+    events: Sequence[tuple[str | os.PathLike, str]],
+    per_scape: int,
+    seconds: float,
+    sample_rate: int = 22050,
+    seed: int = 0,
+    **options,
+) -> Path:
+    """Write ``count`` soundscapes ``scape_NNN.wav`` (16-bit) and their annotation
+    ``events.csv`` (:data:`ANNOTATION_COLUMNS`, file names relative to ``folder``);
+    each soundscape takes ``per_scape`` events drawn without replacement from
+    ``events`` (again from the start once all were used). ``options`` go to
+    :func:`make_soundscape`. Returns the annotation's path."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    pool: list[int] = []
+    tables = []
+    for number in range(count):
+        chosen: list[tuple[str | os.PathLike, str]] = []
+        while len(chosen) < per_scape:
+            if not pool:
+                pool = list(rng.permutation(len(events)))
+            chosen.append(events[pool.pop()])
+        wave, annotation = make_soundscape(ambient, chosen, seconds, sample_rate, rng, **options)
+        name = f"scape_{number:03d}.wav"
+        write_whole(
+            folder / name,
+            partial(sf.write, data=wave, samplerate=sample_rate, subtype="PCM_16", format="WAV"),
+        )
+        annotation.insert(0, "filename", name)
+        tables.append(annotation)
+    return write_csv(pd.concat(tables, ignore_index=True), folder / "events.csv")
+
+
+def write_examples(
+    folder: str | os.PathLike,
+    events: Sequence[tuple[str | os.PathLike, str]],
+    ambient: Sequence[str | os.PathLike],
+    backgrounds: int,
+    seconds: float = 1.0,
+    sample_rate: int = 22050,
+    seed: int = 0,
+    snr_db: tuple[float, float] = (6.0, 15.0),
+    background_label: str = "background",
+) -> Path:
+    """Training clips for a detector, in the ``folder`` layout (``<label>/<n>.wav``):
+    each event clip (trimmed, cut to ``seconds``) at a random offset over a bed of
+    ambience of ``seconds``, and ``backgrounds`` beds alone labelled
+    ``background_label``. Returns ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    need = int(round(seconds * sample_rate))
+
+    def write(label: str, number: int, wave: np.ndarray) -> None:
+        peak = float(np.abs(wave).max())
+        wave = wave * (0.95 / peak) if peak > 0.95 else wave
+        write_whole(
+            folder / label / f"{number:05d}.wav",
+            lambda file: sf.write(file, wave, sample_rate, subtype="PCM_16", format="WAV"),
+            durable=False,
+        )
+
+    for number, (path, label) in enumerate(events):
+        bed = ambience(ambient, seconds, sample_rate, rng)
+        clip = trimmed(load_clip(path, sample_rate))[:need]
+        at = int(rng.integers(need - len(clip) + 1))
+        gain = 10 ** (rng.uniform(*snr_db) / 20) * _rms(bed) / _rms(clip)
+        bed[at : at + len(clip)] += gain * clip
+        write(label, number, bed)
+    for number in range(backgrounds):
+        write(background_label, number, ambience(ambient, seconds, sample_rate, rng))
+    return folder

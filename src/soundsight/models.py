@@ -341,6 +341,9 @@ class SoundNet(torch.nn.Module):
         self.backbone = create_backbone(
             config.backbone, num_classes, config.weights if pretrained else "none"
         )
+        #: Logits are divided by it before the softmax (:func:`window_scores`); 1 while
+        #: training, the model file's fitted value once loaded (soundsight.calibration).
+        self.temperature = 1.0
         self.encoder: torch.nn.Module
         if isinstance(self.backbone, AisfxNet):  # reads its own features, not an image
             self.encoder = AisfxInput()
@@ -348,9 +351,6 @@ class SoundNet(torch.nn.Module):
         mean, std = input_normalization(self.backbone, config.imagenet_normalization)
         self.encoder = InputEncoder(config.encoding, floor_db, mean, std, config.input_scale)
         self.backbone.to(memory_format=torch.channels_last)
-        #: Logits are divided by it before the softmax (:func:`window_scores`); 1 while
-        #: training, the model file's fitted value once loaded (soundsight.calibration).
-        self.temperature = 1.0
 
     def forward(self, db: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.encoder(db))

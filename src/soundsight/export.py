@@ -29,6 +29,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -119,7 +120,9 @@ class WaveformGraph(torch.nn.Module):
         number = torch.arange(count, dtype=torch.float64)
         # (numpy.linspace also sets its last value to the end point exactly; the end
         # point is a whole number, which rounding gives back anyway.)
-        spread = number * (torch.sym_max(spare, 0) / torch.sym_max(count - 1, 1))
+        # A symbolic float while exporting (torch's stubs do not say it multiplies tensors).
+        ratio = cast(float, torch.sym_max(spare, 0) / torch.sym_max(count - 1, 1))
+        spread = number * ratio
         centred = -(torch.sym_max(-spare, 0) // 2)
         starts = spread.round().long() + centred
         silence = db.new_full((db.shape[0], width), view.floor_db)
@@ -204,19 +207,13 @@ def export_onnx(
     if input == "waveform":
         graph: torch.nn.Module = WaveformGraph(net, spec).eval()
         example: tuple[torch.Tensor, ...] = (torch.from_numpy(_example_clip(spec)),)
-        names = {
-            "input_names": ["waveform"],
-            "output_names": ["probabilities", "log_mel", "embeddings"],
-        }
+        inputs, outputs = ["waveform"], ["probabilities", "log_mel", "embeddings"]
         dynamic = {"waveform": {0: torch.export.Dim("samples", min=1, max=2**31 - 1)}}
     else:
         graph = WindowGraph(net).eval()
-        example = (
-            torch.from_numpy(classifier.view.windows(classifier.log_mel(_example_clip(spec))))[
-                :, None
-            ],
-        )
-        names = {"input_names": ["log_mel_windows"], "output_names": ["probabilities"]}
+        windows = classifier.view.windows(classifier.log_mel(_example_clip(spec)))
+        example = (torch.from_numpy(windows)[:, None],)
+        inputs, outputs = ["log_mel_windows"], ["probabilities"]
         dynamic = {"windows": {0: torch.export.Dim("windows", min=1, max=4096)}}
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(
@@ -227,8 +224,10 @@ def export_onnx(
             dynamic_shapes=dynamic,
             optimize=True,
             verbose=False,
-            **names,
+            input_names=inputs,
+            output_names=outputs,
         )
+    assert program is not None, "dynamo=True always returns a program"
     proto = program.model_proto
     _set_metadata(proto, spec, input, "none")
     onnx.checker.check_model(proto)

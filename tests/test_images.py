@@ -100,11 +100,13 @@ def test_export_reads_prepared_log_mels_instead_of_decoding(tmp_path, esc_subset
 
     decoded = []
 
-    def recording_load_clip(path, *args, **kwargs):
-        decoded.append(path)
-        return load_clip(path, *args, **kwargs)
+    read_clip = soundsight.cache.read_clip
 
-    monkeypatch.setattr(soundsight.cache, "load_clip", recording_load_clip)
+    def recording_read_clip(path, *args, **kwargs):
+        decoded.append(path)
+        return read_clip(path, *args, **kwargs)
+
+    monkeypatch.setattr(soundsight.cache, "read_clip", recording_read_clip)
     out = tmp_path / "from_cache"
     report = export_images(
         table, out, SMALL, size=64, workers=0, progress=False, cache=tmp_path / "cache"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -266,7 +266,7 @@ class Rejection:
         keep, clips = record.get("keep"), record.get("clips")
         if score not in REJECTION_SCORES:
             raise ValueError(f"score must be one of {REJECTION_SCORES}, not {score!r}")
-        if not _number(threshold) or not _number(keep) or not 0.0 < keep <= 1.0:
+        if not _number(threshold) or not _number(keep) or not 0.0 < cast(float, keep) <= 1.0:
             raise ValueError("threshold must be a finite number and keep in (0, 1]")
         if not isinstance(clips, int) or isinstance(clips, bool) or clips < 0:
             raise ValueError("clips must be a count")
@@ -282,7 +282,11 @@ class Rejection:
         if rows and labels is not None and len(rows) != labels:
             raise ValueError(f"{len(rows)} centroids for {labels} labels")
         return cls(
-            score, float(threshold), float(keep), clips, tuple(tuple(map(float, r)) for r in rows)
+            score,
+            float(cast(float, threshold)),
+            float(cast(float, keep)),
+            clips,
+            tuple(tuple(map(float, r)) for r in rows),
         )
 
 
@@ -350,39 +354,39 @@ def calibrate(
     clips) are needed by ``centroid_cosine`` only.
     """
     check_keep(keep)
-    targets = np.asarray(targets)
+    labels = np.asarray(targets)
     before = tempered_clip_probabilities(window_logits, counts, 1.0)
-    if len(targets) < MIN_CALIBRATION_CLIPS:
+    if len(labels) < MIN_CALIBRATION_CLIPS:
         note = (
-            f"validation side has {len(targets)} clips, fewer than "
+            f"validation side has {len(labels)} clips, fewer than "
             f"{MIN_CALIBRATION_CLIPS}: temperature kept at 1, no 'unknown' threshold"
         )
-        table = reliability(before, targets).assign(side="before")
-        return Calibrated(1.0, {"clips": len(targets), "note": note}, before, None, table)
+        table = reliability(before, labels).assign(side="before")
+        return Calibrated(1.0, {"clips": len(labels), "note": note}, before, None, table)
     temperature = fit_temperature(window_logits, counts, targets)
     after = tempered_clip_probabilities(window_logits, counts, temperature)
     table = pd.concat(
         [
-            reliability(before, targets).assign(side="before"),
-            reliability(after, targets).assign(side="after"),
+            reliability(before, labels).assign(side="before"),
+            reliability(after, labels).assign(side="after"),
         ],
         ignore_index=True,
     )
     summary = {
-        "clips": int(len(targets)),
-        "ece_before": expected_calibration_error(before, targets),
-        "ece_after": expected_calibration_error(after, targets),
-        "nll_before": _nll(before, targets),
-        "nll_after": _nll(after, targets),
+        "clips": int(len(labels)),
+        "ece_before": expected_calibration_error(before, labels),
+        "ece_after": expected_calibration_error(after, labels),
+        "nll_before": _nll(before, labels),
+        "nll_after": _nll(after, labels),
     }
     scores = rejection_scores(score, after, embeddings, centroids)
     # Six decimals of a unit vector are plenty, and keep the model file's header small.
     rows = (
         tuple(tuple(round(float(v), 6) for v in r) for r in centroids)
-        if score == "centroid_cosine"
+        if score == "centroid_cosine" and centroids is not None
         else ()
     )
-    rejection = Rejection(score, threshold_for_keep(scores, keep), keep, len(targets), rows)
+    rejection = Rejection(score, threshold_for_keep(scores, keep), keep, len(labels), rows)
     return Calibrated(temperature, summary, after, rejection, table)
 
 

@@ -33,6 +33,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -126,7 +127,8 @@ def embed_clips(
         for p in tqdm(clips["path"], desc="embed", unit="clip", disable=not progress)
     )
     with torch.inference_mode():
-        rows = [e for _, e in score_log_mels(net, view, log_mels, embed=True)]
+        # With embed=True every clip has an embedding (never None).
+        rows = [cast(np.ndarray, e) for _, e in score_log_mels(net, view, log_mels, embed=True)]
     return clips, np.stack(rows)
 
 

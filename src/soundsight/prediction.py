@@ -286,7 +286,9 @@ class Classifier:
         frame = pd.DataFrame([results[n][0] for n in order], columns=self.labels)
         frame.insert(0, "path", [str(paths[n]) for n in order])
         if order:
-            embeddings = np.stack([results[n][1] for n in order]) if embed else None
+            embeddings = (
+                np.stack([cast(np.ndarray, results[n][1]) for n in order]) if embed else None
+            )
             frame.attrs["known"] = self.known(frame[self.labels].to_numpy(), embeddings)
         else:
             frame.attrs["known"] = np.ones(0, bool)

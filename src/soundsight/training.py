@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import numpy as np
@@ -514,7 +515,10 @@ def _class_centroids(net: SoundNet, data: ClipDataModule) -> np.ndarray:
     clips = data._sets["train"]  # the training clips as cached: entries, targets, view
     log_mels = (np.load(entry, mmap_mode="r") for entry in clips.entries)
     with torch.inference_mode():
-        rows = [e for _, e in score_log_mels(net, clips.view, log_mels, embed=True)]
+        # With embed=True every clip has an embedding (never None).
+        rows = [
+            cast(np.ndarray, e) for _, e in score_log_mels(net, clips.view, log_mels, embed=True)
+        ]
     return class_centroids(np.stack(rows), clips.targets.numpy(), len(data.labels))
 
 

@@ -7,7 +7,7 @@
 2. Builds 20 soundscapes of 60 s from the other side (FSDD test-side digits, ESC events
    and ambience of odd ``src_file``; ``soundscapes.write_soundscapes``), runs ``detect``
    and scores it with sed_eval: segment-based F1 (1-s segments, goal >= 0.80) and
-   event-based F1 (200 ms collar), plus PSDS.
+   event-based F1 (200 ms collar).
 3. ``soundsight detect`` on a 1-hour and a 3-hour 44.1 kHz FLAC (ESC clips end to
    end): wall time (goal <= 60 s for an hour) and peak RSS (goal <= 1.2 GB), each in its
    own process (``wait4`` rusage).
@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from bench_predict_memory import long_recording, peak_rss_mb
 from machine import cpu_model
@@ -83,8 +82,8 @@ def train_detector(work: Path, quick: bool) -> Path:
 
 
 def accuracy(model: Path, work: Path, quick: bool) -> dict:
-    from soundsight.detection import DetectConfig, detect, find_events, plot_timeline, thresholds
-    from soundsight.evaluation import event_scores, psds
+    from soundsight.detection import detect, plot_timeline
+    from soundsight.evaluation import event_scores
     from soundsight.prediction import Classifier
     from soundsight.soundscapes import write_soundscapes
 
@@ -108,26 +107,12 @@ def accuracy(model: Path, work: Path, quick: bool) -> dict:
     estimated = found.events.assign(filename=found.events["filename"].map(lambda p: Path(p).name))
     labels = [label for label in classifier.labels if label != "background"]
     scores = event_scores(reference, estimated, labels, names)
-    points = []
-    for level in np.arange(0.1, 1.0, 0.1):
-        settings = DetectConfig(threshold=float(level))
-        points.append(
-            pd.concat(
-                [
-                    find_events(line, settings, thresholds(classifier, settings)).assign(
-                        filename=Path(path).name
-                    )
-                    for path, line in found.timelines.items()
-                ]
-            )
-        )
     # The README's picture: the first soundscape's timeline.
     first = str(work / "scapes" / names[0])
     figure = plot_timeline(
         found.timelines[first], found.events[found.events["filename"] == first], classifier.features
     )
     figure.savefig(RESULTS / ("timeline_quick.png" if quick else "timeline.png"), dpi=110)
-    durations = {Path(p).name: d for p, d in found.durations.items()}
     per_class = scores.pop("per_class")
     return {
         "soundscapes": count,
@@ -135,7 +120,6 @@ def accuracy(model: Path, work: Path, quick: bool) -> dict:
         "reference_events": len(reference),
         "estimated_events": len(estimated),
         **{k: round(v, 4) for k, v in scores.items() if k != "files"},
-        "psds": round(psds(reference, points, durations), 4),
         "detect_wall_s": round(wall, 1),
         "per_class": per_class.round(4).to_dict("records"),
     }
@@ -198,7 +182,6 @@ def main() -> int:
         f"| segment-based error rate | {line['segment_error_rate']:.3f} | |",
         f"| event-based F1 (200 ms collar) | {line['event_f1']:.3f} | |",
         f"| event-based error rate | {line['event_error_rate']:.3f} | |",
-        f"| PSDS (9 thresholds) | {line['psds']:.3f} | |",
     ]
     for row in result.get("detect_long_files", []):
         lines += [

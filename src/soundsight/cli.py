@@ -428,12 +428,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_events(args: argparse.Namespace) -> int:
     """``evaluate --events``: detect on the annotated files, score with sed_eval."""
-    import dataclasses
-
-    import pandas as pd
-
     from .detection import DetectConfig, detect
-    from .evaluation import event_scores, psds, read_event_annotations, write_json
+    from .evaluation import event_scores, read_event_annotations, write_json
     from .prediction import Classifier
     from .tables import write_csv
 
@@ -442,7 +438,7 @@ def _evaluate_events(args: argparse.Namespace) -> int:
     reference = read_event_annotations(args.events, args.data, classifier.labels)
     names = list(dict.fromkeys(reference["filename"]))
     paths = dict(zip(reference["path"], reference["filename"], strict=True))
-    found = detect(classifier, list(paths), settings, keep_timelines=args.psds)
+    found = detect(classifier, list(paths), settings)
     estimated = found.events.assign(filename=found.events["filename"].map(paths))
     scored = [n for n in names if str(Path(args.data) / n) in found.durations]
     labels = [label for label in classifier.labels if label not in settings.background]
@@ -453,20 +449,6 @@ def _evaluate_events(args: argparse.Namespace) -> int:
         f"event-based (200 ms collar) F1 {scores['event_f1']:.4f}, "
         f"error rate {scores['event_error_rate']:.4f}"
     )
-    if args.psds:
-        from .detection import find_events, thresholds
-
-        points = []
-        for level in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-            at = dataclasses.replace(settings, threshold=level)
-            tables = [
-                find_events(line, at, thresholds(classifier, at)).assign(filename=paths[path])
-                for path, line in found.timelines.items()
-            ]
-            points.append(pd.concat(tables, ignore_index=True))
-        durations = {paths[p]: d for p, d in found.durations.items()}
-        scores["psds"] = psds(reference, points, durations)
-        print(f"PSDS (9 thresholds, 0.1-0.9): {scores['psds']:.4f}")
     print(scores["per_class"].to_string(index=False, float_format="%.3f"))
     if args.out:
         out = Path(args.out)
@@ -764,7 +746,6 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
         "(file names relative to DATA); reports segment- and event-based F1 and "
         "error rate (sed_eval)",
     )
-    p.add_argument("--psds", action="store_true", help="with --events: also PSDS (psds_eval)")
 
 
 def _args_predict(p: argparse.ArgumentParser) -> None:

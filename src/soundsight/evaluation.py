@@ -233,7 +233,7 @@ def read_event_annotations(
     """
     from .tables import read_csv
 
-    table = read_csv(path)
+    table = read_csv(path, text=("filename", "event_label"))
     missing = [c for c in EVENT_ANNOTATION_COLUMNS if c not in table.columns]
     if missing:
         raise DatasetError(
@@ -354,31 +354,3 @@ def event_scores(
         "event_error_rate": float(overall_event["error_rate"]["error_rate"]),
         "per_class": per_class,
     }
-
-
-def psds(
-    reference: pd.DataFrame,
-    operating_points: Sequence[pd.DataFrame],
-    durations: dict[str, float],
-) -> float:
-    """The polyphonic sound detection score (psds_eval, DCASE 2020-: default
-    tolerances 0.5/0.5/0.3, no cross-trigger or instability cost, eFPR up to 100 per
-    hour) over detections made at several thresholds (one table each)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from psds_eval import PSDSEval
-
-    columns = list(EVENT_ANNOTATION_COLUMNS)
-    truth = reference.dropna(subset=["onset", "offset"])[columns]
-    truth = truth[truth["event_label"].map(lambda v: isinstance(v, str) and v != "")]
-    metadata = pd.DataFrame({"filename": list(durations), "duration": list(durations.values())})
-    evaluator = PSDSEval(
-        dtc_threshold=0.5,
-        gtc_threshold=0.5,
-        cttc_threshold=0.3,
-        ground_truth=truth.astype({"onset": float, "offset": float}),
-        metadata=metadata,
-    )
-    for detections in operating_points:
-        evaluator.add_operating_point(detections[columns].reset_index(drop=True))
-    return float(evaluator.psds(alpha_ct=0.0, alpha_st=0.0, max_efpr=100).value)

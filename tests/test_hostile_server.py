@@ -285,9 +285,10 @@ def test_server_memory_does_not_grow_over_bursts_of_near_limit_uploads(
     small_server, esc_clips, tmp_path
 ):
     """4 bursts of 8 concurrent 19.8 MB uploads (real ESC-50 clips end to end; half
-    multipart, half raw): once they are answered, the server's RSS is within 50 MB of
-    what it was before them (it rose by ~200 MB: glibc kept what each thread's heap
-    had held of them)."""
+    multipart, half raw): once the first is answered, later bursts add less than 50 MB
+    (it rose by ~200 MB and kept rising: glibc kept what each thread's heap had held of
+    them), and the first adds less than 150 MB (the heaps keep up to 16 MB free each,
+    serving.TRIM_THRESHOLD_BYTES, so that requests fault in no new pages)."""
     psutil = pytest.importorskip("psutil")
     base, _, pid = small_server
     samples = (19_800_000 - 44) // 2
@@ -314,7 +315,8 @@ def test_server_memory_does_not_grow_over_bursts_of_near_limit_uploads(
                 time.sleep(0.1)
             time.sleep(0.5)
             rss.append(server.memory_info().rss / 1e6)
-    assert max(rss) - rss[0] < 50, [round(r) for r in rss]
+    assert max(rss[1:]) - rss[1] < 50, [round(r) for r in rss]
+    assert rss[1] - rss[0] < 150, [round(r) for r in rss]
 
 
 # --- Host header ---------------------------------------------------------------------

@@ -353,11 +353,16 @@ class ClipDataModule(L.LightningDataModule):
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self.windows_dataloader("valid")
 
-    def windows_dataloader(self, split: str) -> torch.utils.data.DataLoader:
+    def windows_dataloader(
+        self, split: str, every_rank: bool = True
+    ) -> torch.utils.data.DataLoader:
         """The clips of ``split`` (``train`` or ``valid``) in the validation loader's
         form: every evaluation window of each clip, no augmentation, row numbers (the
-        linear probe of LP-FT reads the training clips so)."""
-        self._drop_changed()
+        linear probe of LP-FT reads the training clips so). ``every_rank=False`` when
+        one process alone asks (rank 0 calibrating): the clips left out stay as they
+        are, since agreeing on changed files needs every rank."""
+        if every_rank:
+            self._drop_changed()
         rows = self._kept[split].tolist()
         dataset = self._sets[split]
         if dataset.train:  # the same clips, as evaluation windows

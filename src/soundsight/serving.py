@@ -208,7 +208,9 @@ class PredictResponse(BaseModel):
         None, description="log-mel spectrogram as a base64 PNG (with ?spectrogram=true)"
     )
     events: list[Event] | None = Field(
-        None, description="the clip's sound events, in time order (with ?timeline=true)"
+        None,
+        description="the clip's sound events, in time order (with ?timeline=true; null with the "
+        "ONNX runtime, which scores whole clips)",
     )
 
 
@@ -331,21 +333,16 @@ class _Analyser:
         return self(data, name, top_k, image, timeline), waited
 
 
-def _timeline_events(clf: ClipScorer, db: np.ndarray) -> list[dict[str, Any]]:
-    """The events of ``soundsight detect`` in an analysed clip's log-mel."""
+def _timeline_events(clf: ClipScorer, db: np.ndarray) -> list[dict[str, Any]] | None:
+    """The events of ``soundsight detect`` in an analysed clip's log-mel; None with the
+    ONNX runtime, whose graph scores whole clips (timelines slide windows over a log-mel
+    through the torch scorer)."""
     from .detection import DetectConfig, find_events, thresholds
     from .detection import timeline as frame_timeline
     from .prediction import Classifier
 
     if not isinstance(clf, Classifier):
-        # Sliding windows over a log-mel run through the torch scorer; the ONNX graph
-        # takes whole clips.
-        raise ApiError(
-            400,
-            "timeline_needs_torch",
-            "timelines are computed by the torch runtime; serve the .safetensors model "
-            "(--runtime torch) to get them",
-        )
+        return None
     line = frame_timeline(clf, db.shape[1], [db])
     events = find_events(line, DetectConfig(), thresholds(clf, DetectConfig()))
     return events.to_dict("records")

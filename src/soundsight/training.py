@@ -489,7 +489,7 @@ def _validation_logits(net: SoundNet, data: ClipDataModule):
     net.eval()
     logits, embeddings, counts, targets, rows = [], [], [], [], []
     with torch.inference_mode():
-        for windows, target, row, count in data.val_dataloader():
+        for windows, target, row, count in data.windows_dataloader("valid", every_rank=False):
             scores, pooled = window_logits(net, windows.to(device))
             logits.append(scores.float().cpu())
             embeddings += [e.mean(0) for e in pooled.float().cpu().split(count.tolist())]

@@ -112,10 +112,12 @@ def test_detect_finds_the_onsets_of_digits_placed_in_real_ambience(detector, sou
     assert "background" not in set(events["event_label"])
     hits = 0
     for row in truth.itertuples():
-        near = events[(events["onset"] - row.onset).abs() <= 0.35]
-        hits += len(near) > 0
+        # A detected event over the digit: its onset within 0.35 s, or covering it.
+        near = (events["onset"] - row.onset).abs() <= 0.35
+        over = (events["onset"] < row.offset) & (events["offset"] > row.onset)
+        hits += bool((near | over).any())
     # The detector trains in 10 short epochs (validation error about 15%): it misses or
-    # misplaces some digits; a timeline out of step with the audio would find none.
+    # misplaces some digits; a timeline out of step with the audio would find few.
     assert hits >= 3, (
         f"onsets found for {hits} of 5 digits:\n{events.iloc[:, 1:].to_string()}\ntruth:\n{truth}"
     )

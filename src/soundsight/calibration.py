@@ -290,6 +290,19 @@ class Rejection:
         )
 
 
+def known_clips(
+    rejection: Rejection | None, probabilities: np.ndarray, embeddings: np.ndarray | None = None
+) -> np.ndarray:
+    """Per clip (rows of calibrated ``probabilities`` and, where the rule needs them,
+    ``embeddings``): whether it is one of the known classes under ``rejection``;
+    ``True`` everywhere without a rule (a model file from before it existed, or trained
+    on too few validation clips). What both runtimes answer."""
+    probabilities = np.atleast_2d(probabilities)
+    if rejection is None:
+        return np.ones(len(probabilities), bool)
+    return rejection.known(probabilities, None if embeddings is None else np.atleast_2d(embeddings))
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError, clip_duration
 from .cache import DEFAULT_CACHE, prepare
-from .calibration import Rejection
+from .calibration import Rejection, known_clips
 from .data import ClipView
 from .evaluation import score
 from .features import Clip, Featuriser, flush_denormals
@@ -202,12 +202,7 @@ class Classifier:
         them, ``embeddings``): whether it is one of the known classes under the model
         file's rule; ``True`` everywhere when the file has none (trained before it
         existed, or on too few validation clips)."""
-        probabilities = np.atleast_2d(probabilities)
-        if self.rejection is None:
-            return np.ones(len(probabilities), bool)
-        return self.rejection.known(
-            probabilities, None if embeddings is None else np.atleast_2d(embeddings)
-        )
+        return known_clips(self.rejection, probabilities, embeddings)
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` most probable (label, probability) pairs, best first."""

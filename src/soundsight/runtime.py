@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .audio import AudioError, clip_duration, decode_bytes, load_clip
-from .calibration import UNKNOWN_LABEL, Rejection
+from .calibration import UNKNOWN_LABEL, Rejection, known_clips
 from .errors import ConfigError
 from .modelfile import ModelFileError, ModelSpec
 
@@ -289,12 +289,7 @@ class OnnxClassifier:
 
     def known(self, probabilities: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
         """As :meth:`soundsight.prediction.Classifier.known`."""
-        probabilities = np.atleast_2d(probabilities)
-        if self.rejection is None:
-            return np.ones(len(probabilities), bool)
-        return self.rejection.known(
-            probabilities, None if embeddings is None else np.atleast_2d(embeddings)
-        )
+        return known_clips(self.rejection, probabilities, embeddings)
 
     def analyse(self, clip: AnyClip) -> tuple[np.ndarray, np.ndarray, bool]:
         """A clip's probabilities (the mean over its windows), its log-mel, and whether

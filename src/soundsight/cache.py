@@ -125,6 +125,22 @@ class FeatureCache:
             return None
         return _damage(entry, self.config.n_mels)
 
+    def stored_entry(self, path: str | os.PathLike) -> Path:
+        """The cache entry of the clip at ``path`` as the file is now.
+
+        Raises
+        ------
+        CacheError
+            The source file cannot be read, or the clip is not in the cache.
+        """
+        try:
+            entry = self.entry(path)
+        except OSError as err:
+            raise CacheError(f"{path}: cannot read the source file ({err.strerror})") from None
+        if not entry.exists():
+            raise CacheError(f"{path}: not in the cache {self.folder} (run prepare)")
+        return entry
+
     def load(self, path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
         """Log-mel of a clip, ``(n_mels, frames)`` float16 in dB, memory-mapped.
 
@@ -134,12 +150,7 @@ class FeatureCache:
             The source file cannot be read, the clip is not in the cache, or its entry
             is damaged (the message names the clip, the entry and what is wrong).
         """
-        try:
-            entry = self.entry(path)
-        except OSError as err:
-            raise CacheError(f"{path}: cannot read the source file ({err.strerror})") from None
-        if not entry.exists():
-            raise CacheError(f"{path}: not in the cache {self.folder} (run prepare)")
+        entry = self.stored_entry(path)
         damage = _damage(entry, self.config.n_mels)
         if damage is not None:
             raise CacheError(

@@ -785,35 +785,20 @@ def _args_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="events file: .csv (DCASE columns) or .json (default: print)")
     p.add_argument("--plot", help="folder for one PNG per file: spectrogram and event bands")
     group = p.add_argument_group("from probabilities to events")
-    group.add_argument(
-        "--hop",
-        type=float,
-        default=d.hop_seconds,
-        help=f"seconds between windows ({d.hop_seconds})",
-    )
-    group.add_argument(
-        "--smooth",
-        type=float,
-        default=d.smooth_seconds,
-        help=f"median filter length in seconds ({d.smooth_seconds})",
-    )
+    # Each numeric flag sets the DetectConfig field of the same meaning, defaulting to it.
+    for flag, field, what in (
+        ("--hop", "hop_seconds", "seconds between windows"),
+        ("--smooth", "smooth_seconds", "median filter length in seconds"),
+        ("--min-duration", "min_duration", "drop shorter events, seconds"),
+        ("--merge-gap", "merge_gap", "join events of a label closer than this, seconds"),
+    ):
+        default = getattr(d, field)
+        group.add_argument(flag, type=float, default=default, help=f"{what} ({default})")
     group.add_argument(
         "--threshold",
         type=float,
         help="probability at which a label is active (default: the model's tuned "
         "per-class thresholds, else 0.5)",
-    )
-    group.add_argument(
-        "--min-duration",
-        type=float,
-        default=d.min_duration,
-        help=f"drop shorter events, seconds ({d.min_duration})",
-    )
-    group.add_argument(
-        "--merge-gap",
-        type=float,
-        default=d.merge_gap,
-        help=f"join events of a label closer than this, seconds ({d.merge_gap})",
     )
     group.add_argument(
         "--background",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -152,7 +151,7 @@ class CachedClips(torch.utils.data.Dataset):
         weights: Sequence[float] | np.ndarray | None = None,
     ):
         self.paths = [str(p) for p in paths]
-        self.entries = [_entry(cache, p) for p in self.paths]
+        self.entries = [cache.stored_entry(p) for p in self.paths]
         self.targets = torch.as_tensor(list(targets), dtype=torch.long)
         self.weights = (
             torch.ones(len(self.paths))
@@ -178,17 +177,6 @@ class CachedClips(torch.utils.data.Dataset):
         else:
             x = torch.from_numpy(self.view.windows(db))[:, None]
         return x, self.targets[index], self.weights[index]
-
-
-def _entry(cache: FeatureCache, path: str) -> Path:
-    """The cache entry of the clip at ``path`` as it is now; a clear error if none."""
-    try:
-        entry = cache.entry(path)
-    except OSError as err:
-        raise CacheError(f"{path}: cannot read the source file ({err.strerror})") from None
-    if not entry.exists():
-        raise CacheError(f"{path}: not in the cache {cache.folder} (run prepare)")
-    return entry
 
 
 def collate_windows(items):

@@ -612,6 +612,93 @@ ERROR_HEADERS = {
 }
 
 
+class _Admission:
+    """The request queue of one app: admits a request once its whole body is read, runs
+    it in the worker pool, and frees its slot and its upload's bytes when the job ends."""
+
+    def __init__(self, analyse: _Analyser, settings: ServeConfig, count: int):
+        self.analyse = analyse
+        self.settings = settings
+        self.count = count
+        self.pool = _WorkerPool(settings.workers)
+        self.memory = _UploadMemory(settings.upload_memory_bytes)
+        self.pending = 0
+
+    def _check_room(self) -> None:
+        if self.pending >= self.settings.capacity:
+            raise ApiError(
+                503,
+                "queue_full",
+                f"{self.settings.capacity} requests are already being served or waiting; retry",
+            )
+
+    async def predict(
+        self,
+        request: Request,
+        top_k: int | None,
+        spectrogram: bool,
+        filename: str | None,
+        timeline: bool,
+    ) -> dict[str, Any]:
+        settings = self.settings
+        media_type = _media_type(request.headers.get("content-type"))
+        _check_body_type(media_type, filename)
+        # A full queue is refused before the body is read: the upload would be wasted.
+        self._check_room()
+        budget = settings.max_upload_bytes + (MULTIPART_OVERHEAD if media_type == MULTIPART else 0)
+        reader = _BodyReader(request.receive, settings, self.memory, budget, filename)
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:  # the job is done: its slot and its upload's bytes
+            self.pending -= 1
+            self.memory.give(reader.taken)
+
+        def release_from_worker(_future) -> None:
+            # RuntimeError: the loop is gone (shutdown), nothing left to count.
+            with suppress(RuntimeError):
+                loop.call_soon_threadsafe(release)
+
+        admitted = submitted = False
+        try:
+            # The whole body is read before the request takes a slot in the queue, so a
+            # slow client holds a connection (until its deadline), never a slot.
+            data, name = await _read_upload(request, media_type, reader, filename)
+            self._check_room()
+            self.pending += 1
+            admitted = True
+            k = top_k or min(settings.top_k, self.count)
+            future = self.pool.submit(
+                self.analyse.queued, time.perf_counter(), data, name, k, spectrogram, timeline
+            )
+            submitted = True
+            # The pool's work item holds the upload from now on, and drops it as soon as
+            # the job ends (in the worker), whenever this handler ends.
+            del data
+            # The slot is freed when the job is done, not when this handler ends: a
+            # client that disconnects must not free a slot its upload still occupies in
+            # the pool. (A job that has not started is cancelled along with the handler.)
+            future.add_done_callback(release_from_worker)
+            result, waited = await asyncio.wrap_future(future)
+            result["queue_ms"] = round(waited, 3)
+            return result
+        finally:
+            if not submitted:
+                self.memory.give(reader.taken)
+                self.pending -= admitted
+
+
+async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
+    headers = ERROR_HEADERS.get(err.status)
+    return _error_response(err.status, err.error, err.detail, err.filename, headers=headers)
+
+
+async def _invalid_request(_request: Request, err: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(
+        f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in err.errors()
+    )
+    return _error_response(422, "invalid_request", problems or "invalid request")
+
+
 def create_app(
     classifier: ClipScorer, settings: ServeConfig | None = None, model_name: str = "model"
 ) -> FastAPI:
@@ -634,17 +721,14 @@ def create_app(
         The app, with its docs served offline and security headers on every answer.
     """
     settings = settings or ServeConfig()
-    analyse = _Analyser(classifier, settings)
-    pool = _WorkerPool(settings.workers)
-    memory = _UploadMemory(settings.upload_memory_bytes)
-    started = time.monotonic()
-    state = {"pending": 0}
     count = len(classifier.labels)
+    queue = _Admission(_Analyser(classifier, settings), settings, count)
+    started = time.monotonic()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        pool.shutdown()
+        queue.pool.shutdown()
 
     # FastAPI's own doc pages load Swagger UI and ReDoc from a CDN; fastapi-offline
     # serves the same files from this app.
@@ -659,25 +743,8 @@ def create_app(
     # Added last, so outermost: refused hosts get the security headers too.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(_allowed_hosts(settings)))
     app.add_middleware(SecurityHeadersMiddleware)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, err: ApiError):
-        headers = ERROR_HEADERS.get(err.status)
-        return _error_response(err.status, err.error, err.detail, err.filename, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, err: RequestValidationError):
-        problems = "; ".join(
-            f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in err.errors()
-        )
-        return _error_response(422, "invalid_request", problems or "invalid request")
-
-    def queue_full() -> ApiError:
-        return ApiError(
-            503,
-            "queue_full",
-            f"{settings.capacity} requests are already being served or waiting; retry",
-        )
+    app.exception_handler(ApiError)(_api_error)
+    app.exception_handler(RequestValidationError)(_invalid_request)
 
     @app.post(
         "/predict",
@@ -700,52 +767,7 @@ def create_app(
             bool, Query(description="include the clip's sound events (soundsight detect)")
         ] = False,
     ) -> dict[str, Any]:
-        media_type = _media_type(request.headers.get("content-type"))
-        _check_body_type(media_type, filename)
-        # A full queue is refused before the body is read: the upload would be wasted.
-        if state["pending"] >= settings.capacity:
-            raise queue_full()
-        budget = settings.max_upload_bytes + (MULTIPART_OVERHEAD if media_type == MULTIPART else 0)
-        reader = _BodyReader(request.receive, settings, memory, budget, filename)
-        loop = asyncio.get_running_loop()
-
-        def release() -> None:  # the job is done: its slot and its upload's bytes
-            state["pending"] -= 1
-            memory.give(reader.taken)
-
-        def release_from_worker(_future) -> None:
-            # RuntimeError: the loop is gone (shutdown), nothing left to count.
-            with suppress(RuntimeError):
-                loop.call_soon_threadsafe(release)
-
-        admitted = submitted = False
-        try:
-            # The whole body is read before the request takes a slot in the queue, so a
-            # slow client holds a connection (until its deadline), never a slot.
-            data, name = await _read_upload(request, media_type, reader, filename)
-            if state["pending"] >= settings.capacity:
-                raise queue_full()
-            state["pending"] += 1
-            admitted = True
-            k = top_k or min(settings.top_k, count)
-            future = pool.submit(
-                analyse.queued, time.perf_counter(), data, name, k, spectrogram, timeline
-            )
-            submitted = True
-            # The pool's work item holds the upload from now on, and drops it as soon as
-            # the job ends (in the worker), whenever this handler ends.
-            del data
-            # The slot is freed when the job is done, not when this handler ends: a
-            # client that disconnects must not free a slot its upload still occupies in
-            # the pool. (A job that has not started is cancelled along with the handler.)
-            future.add_done_callback(release_from_worker)
-            result, waited = await asyncio.wrap_future(future)
-            result["queue_ms"] = round(waited, 3)
-            return result
-        finally:
-            if not submitted:
-                memory.give(reader.taken)
-                state["pending"] -= admitted
+        return await queue.predict(request, top_k, spectrogram, filename, timeline)
 
     @app.get("/labels", response_model=LabelsResponse, summary="The labels the model knows")
     async def labels() -> dict[str, Any]:
@@ -757,7 +779,7 @@ def create_app(
             "status": "ok",
             "model": model_name,
             "labels": count,
-            "pending": state["pending"],
+            "pending": queue.pending,
             "capacity": settings.capacity,
             "workers": settings.workers,
             "uptime_s": round(time.monotonic() - started, 3),

@@ -121,11 +121,12 @@ class WaveformGraph(torch.nn.Module):
         spread = number * ratio
         centred = -(torch.sym_max(-spare, 0) // 2)
         starts = spread.round().long() + centred
-        silence = db.new_full((db.shape[0], width), view.floor_db)
-        padded = torch.cat([silence, db, silence], dim=1)
+        # Frames as rows (a look-up of whole rows, quicker than of single values).
+        silence = db.new_full((width, db.shape[0]), view.floor_db)
+        padded = torch.cat([silence, db.T, silence], dim=0)
         columns = starts[:, None] + torch.arange(width)[None, :] + width
-        picked = padded.index_select(1, columns.reshape(-1))
-        return picked.reshape(db.shape[0], -1, width).permute(1, 0, 2)[:, None]
+        picked = padded.index_select(0, columns.reshape(-1))
+        return picked.reshape(-1, width, db.shape[0]).transpose(1, 2)[:, None]
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         db = self.log_mel(waveform)
@@ -195,12 +196,12 @@ class FactoredPower(torch.nn.Module):
         """Power ``(rows * outer, frames)`` of the first ``frames`` frames of ``padded``
         (a 1-D waveform long enough for them)."""
         columns, rows = self.columns, self.rows
-        # Whole rows only: every frame ends on a row boundary (hop and n_fft are
-        # multiples of columns), so the cut never reaches a frame.
-        grid = padded[: (padded.shape[0] // columns) * columns].reshape(-1, columns)
+        # The rows the frames cover (hop and n_fft are multiples of columns), so that the
+        # convolution gives exactly ``frames`` (cutting its output would copy it twice).
+        grid = padded[: ((frames - 1) * self.stride + rows) * columns].reshape(-1, columns)
         down = torch.nn.functional.conv1d(
             grid.T[None], self.steps, stride=self.stride, groups=columns
-        )[0, :, :frames]
+        )
         # (column, real/imaginary, inner, frame) -> (inner, (real/imaginary, column), frame)
         down = down.reshape(columns, 2, rows, -1).permute(2, 1, 0, 3).reshape(rows, 2 * columns, -1)
         across = torch.matmul(self.twiddles, down).reshape(rows, 2, self.outer, -1)

@@ -142,8 +142,8 @@ class FactoredPower(torch.nn.Module):
     Cooley-Tukey DFT, ``n_fft = rows * columns`` (Cooley and Tukey 1965).
 
     Hand-written because ONNX Runtime's ``STFT`` kernel (the one ONNX operator for it)
-    spends about 6 ms on a 5-s clip at 22.05 kHz, more than a third of the whole graph,
-    where this takes well under one (benchmarks in the commit that added it). The
+    spent 6.2 ms on a 5-s clip at 22.05 kHz (ORT's profiler, 1 thread), a third of the
+    whole graph, where this convolution and product take about 1 ms together. The
     samples are laid out as rows of ``columns`` samples (``columns`` divides both
     ``n_fft`` and ``hop``, chosen near the square root of ``n_fft``); each frame is
     ``n_fft / columns`` consecutive rows. Step one, a convolution over rows (one group
@@ -482,7 +482,9 @@ def quantize(
                 _Calibration(calibrate, spec.features.sample_rate),
                 quant_format=ortq.QuantFormat.QDQ,
                 # Unsigned activations, signed weights: the u8 x s8 product that x86's
-                # VNNI instructions take (measured 7.3 vs 10.8 ms a 5-s clip, s8 x s8).
+                # VNNI instructions take: a 5-s clip's graph in 7.3 ms, 10.8 with s8 x s8
+                # (1 thread, busy machine; fp32 13.2). Without VNNI (AVX2 only) the
+                # product may saturate: the accuracy check below is on this machine.
                 activation_type=ortq.QuantType.QUInt8,
                 weight_type=ortq.QuantType.QInt8,
                 **common,

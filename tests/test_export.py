@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
+from soundsight.audio import load_clip
 from soundsight.config import FeatureConfig, ModelConfig
 from soundsight.export import (
     ExportError,
+    FactoredPower,
     calibration_clips,
     export_onnx,
     quantize,
@@ -73,6 +75,25 @@ def test_waveform_graph_matches_torch_on_real_clips(
     assert worst_embedding <= 1e-3, worst_embedding
 
 
+@pytest.mark.parametrize("n_fft, hop", [(1024, 256), (400, 160), (1024, 300), (512, 97)])
+def test_factored_power_is_the_stft_power(n_fft, hop, esc_clips):
+    # Factors near the square root (32 x 32, 20 x 20), lopsided (4 x 256), none (97 is
+    # prime: one dense DFT).
+    wave = torch.from_numpy(load_clip(esc_clips[0], 22050))
+    padded = torch.nn.functional.pad(wave, (n_fft // 2, n_fft // 2 + n_fft))
+    frames = 1 + len(wave) // hop
+    window = torch.hann_window(n_fft)
+    spec = torch.stft(padded, n_fft, hop, window=window, center=False, return_complex=True)
+    expected = spec.abs().square()[:, :frames]
+    factored = FactoredPower(window, n_fft, hop)
+    power = factored(padded, frames)
+    kept = factored.bins >= 0
+    assert sorted(factored.bins[kept].tolist()) == list(range(n_fft // 2 + 1))
+    got = torch.zeros_like(expected)
+    got[factored.bins[kept]] = power[kept]
+    assert float((got - expected).abs().max() / expected.max()) < 1e-5
+
+
 def test_file_carries_the_model_record_and_labels(tiny_onnx, tiny_model):
     proto = onnx.load(tiny_onnx)
     metadata = {p.key: p.value for p in proto.metadata_props}
@@ -96,8 +117,8 @@ def test_network_only_export_scores_log_mel_windows(classifier, tiny_model, tmp_
         OnnxClassifier.load(out)
 
 
-def test_opset_without_stft_is_refused(tiny_model, tmp_path):
-    with pytest.raises(ExportError, match="opset 16 has no STFT"):
+def test_opset_before_17_is_refused(tiny_model, tmp_path):
+    with pytest.raises(ExportError, match="opset 16 is older than the export writes"):
         export_onnx(tiny_model, tmp_path / "m.onnx", opset=16)
     assert not (tmp_path / "m.onnx").exists()
 
@@ -140,8 +161,13 @@ def test_static_int8_calibrates_on_given_clips(tiny_model, tiny_onnx, tmp_path, 
     before, after = quantize(
         tiny_model, tiny_onnx, tmp_path / "q.onnx", "static", fsdd_subset, force=True
     )
-    assert OnnxClassifier.load(tmp_path / "q.onnx").quantization == "static"
+    int8 = OnnxClassifier.load(tmp_path / "q.onnx")
+    assert int8.quantization == "static"
     assert before is not None and after is not None
+    # The front end stays fp32: the int8 file's log-mel is the fp32 file's, exactly.
+    wave = int8.waveform(next(fsdd_subset.rglob("*.wav")))
+    _, db = int8.window_probabilities(wave)
+    np.testing.assert_array_equal(db, OnnxClassifier.load(tiny_onnx).window_probabilities(wave)[1])
 
 
 def test_int8_losing_accuracy_is_refused(tiny_model, tiny_onnx, tmp_path, monkeypatch):

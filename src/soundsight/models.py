@@ -304,8 +304,6 @@ class InputEncoder(torch.nn.Module):
 
     # Buffers (register_buffer), declared so they type as tensors.
     table: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
 
     def __init__(self, encoding: str, floor_db: float, mean, std, scale: float = 1.0):
         super().__init__()
@@ -316,18 +314,21 @@ class InputEncoder(torch.nn.Module):
             table = np.repeat(np.linspace(0, 1, 256, dtype=np.float32)[:, None], 3, axis=1)
         else:
             table = matplotlib.colormaps[encoding](np.linspace(0, 1, 256))[:, :3]
-        self.register_buffer("table", torch.tensor(table, dtype=torch.float32), persistent=False)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # Normalised once here, not per pixel: (colour - mean) / std of each of the 256
+        # entries, the same float32 arithmetic as on each pixel, so the same values.
+        rgb = torch.tensor(table, dtype=torch.float32)
+        normalised = (rgb - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std)
+        self.register_buffer("table", normalised, persistent=False)
 
     def forward(self, db: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
             db = F.interpolate(db, scale_factor=self.scale, mode="bilinear")
         scaled = (1.0 - db[:, 0] / self.floor_db).clamp(0.0, 1.0)
         index = (scaled * 255.0).round().long()
-        rgb = self.table[index].permute(0, 3, 1, 2)
-        # channels-last: about twice as fast for these convolutions on CPU (oneDNN).
-        return ((rgb - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        # A row look-up (ONNX Gather, a third quicker in ONNX Runtime than the GatherND
+        # that indexing exports as), laid out channels-last: about twice as fast for
+        # these convolutions on CPU (oneDNN).
+        return F.embedding(index, self.table).permute(0, 3, 1, 2)
 
 
 class SoundNet(torch.nn.Module):

@@ -39,8 +39,17 @@ from .config import TrainConfig, config_to_dict
 from .datamodule import ClipDataModule
 from .distributed import distribution, gather_in_order, is_global_zero, precision
 from .errors import ConfigError
-from .evaluation import SUMMARY, make_folds, score, write_json, write_metrics
-from .features import FeatureConfig, flush_denormals
+from .evaluation import (
+    describe_scores,
+    make_folds,
+    score,
+    summary,
+    tune_thresholds,
+    write_json,
+    write_metrics,
+)
+from .features import FeatureConfig, add_log_mels, flush_denormals
+from .layouts import is_multi_label
 from .modelfile import ModelSpec, save_model_file
 from .models import (
     ModelConfig,
@@ -156,15 +165,61 @@ def spec_augment(db: torch.Tensor, config: TrainConfig, floor: float) -> torch.T
     return out
 
 
-class ClipClassifier(L.LightningModule):
-    """The classifier's science: augmentation, loss, optimiser, schedule, metrics."""
+def mix_clips(
+    db: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    probability: float,
+    features: FeatureConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-label training examples made of two clips: each view of the batch, with
+    ``probability``, gets another view of the batch added to it (their powers summed,
+    :func:`soundsight.features.add_log_mels`), and the union of both clips' labels
+    (``targets``: 0/1 rows); the pair weighs as the lighter of the two. A background
+    clip (no label) mixed in is ambience under the other's labels."""
+    count = len(targets)
+    if count < 2 or probability <= 0:
+        return db, targets, weights
+    own = torch.arange(count, device=db.device)
+    partner = torch.randperm(count, device=db.device)
+    chosen = (torch.rand(count, device=db.device) < probability) & (partner != own)
+    if not chosen.any():
+        return db, targets, weights
+    db, targets, weights = db.clone(), targets.clone(), weights.clone()
+    others = partner[chosen]
+    db[chosen] = add_log_mels(db[chosen], db[others], features).to(db.dtype)
+    targets[chosen] = torch.maximum(targets[chosen], targets[others])
+    weights[chosen] = torch.minimum(weights[chosen], weights[others])
+    return db, targets, weights
 
-    def __init__(self, net: SoundNet, config: TrainConfig, num_classes: int, floor_db: float):
+
+class ClipClassifier(L.LightningModule):
+    """The classifier's science: augmentation, loss, optimiser, schedule, metrics.
+
+    Single-label (the default): softmax cross-entropy with label smoothing and
+    optional mixup. Multi-label (``config.multi_label``, a net built with
+    ``multi_label=True``): clips mixed in pairs (:func:`mix_clips`) and binary
+    cross-entropy on each label's logit, the same smoothing pulling targets towards
+    1/2; its validation ``error_rate`` is the share of wrong (clip, label) decisions at
+    probability 0.5.
+    """
+
+    def __init__(
+        self,
+        net: SoundNet,
+        config: TrainConfig,
+        num_classes: int,
+        floor_db: float,
+        features: FeatureConfig | None = None,
+    ):
         super().__init__()
         self.net = net
         self.config = config
         self.num_classes = num_classes
         self.floor_db = floor_db
+        self.features = features or FeatureConfig()
+        if config.multi_label != net.multi_label:
+            raise ConfigError("a multi-label recipe needs a multi-label network, and only it")
         self.stage = 2
         self.lr = config.lr  # read and set by Lightning's LR finder
         self.mixup = (
@@ -186,19 +241,28 @@ class ClipClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_index):
         db, targets, weights = batch
+        smoothing = self.config.label_smoothing
+        if self.config.multi_label:
+            db, targets, weights = mix_clips(
+                db, targets, weights, self.config.mix_probability, self.features
+            )
         if self.config.freq_masks or self.config.time_masks:
             db = spec_augment(db, self.config, self.floor_db)
         images = self.net.encoder(db)
-        if self.mixup is not None and len(targets) % 2 == 0:
-            images, soft = self.mixup(images, targets)
+        if self.config.multi_label:
+            logits = self.net.backbone(images)
+            soft = targets.float() * (1 - smoothing) + smoothing / 2
+            losses = F.binary_cross_entropy_with_logits(
+                logits.float(), soft, reduction="none"
+            ).mean(-1)
         else:
-            soft = F.one_hot(targets, self.num_classes).float()
-            soft = (
-                soft * (1 - self.config.label_smoothing)
-                + self.config.label_smoothing / self.num_classes
-            )
-        logits = self.net.backbone(images)
-        losses = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)
+            if self.mixup is not None and len(targets) % 2 == 0:
+                images, soft = self.mixup(images, targets)
+            else:
+                soft = F.one_hot(targets, self.num_classes).float()
+                soft = soft * (1 - smoothing) + smoothing / self.num_classes
+            logits = self.net.backbone(images)
+            losses = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)
         loss = (losses * weights).sum() / weights.sum()
         self.log(
             "train_loss",
@@ -217,8 +281,12 @@ class ClipClassifier(L.LightningModule):
         windows, targets, rows, counts = batch
         probabilities = clip_probabilities(self.net, windows, counts).float()
         self._valid_outputs.append((probabilities.cpu(), targets.cpu(), rows.cpu()))
-        loss = F.nll_loss(probabilities.clamp_min(1e-8).log(), targets)
-        error = (probabilities.argmax(-1) != targets).float().mean()
+        if self.config.multi_label:
+            loss = F.binary_cross_entropy(probabilities.clamp(1e-7, 1 - 1e-7), targets)
+            error = ((probabilities >= 0.5) != (targets > 0.5)).float().mean()
+        else:
+            loss = F.nll_loss(probabilities.clamp_min(1e-8).log(), targets)
+            error = (probabilities.argmax(-1) != targets).float().mean()
         self.log("valid_loss", loss, prog_bar=True, batch_size=len(targets), sync_dist=True)
         self.log("error_rate", error, prog_bar=True, batch_size=len(targets), sync_dist=True)
 
@@ -387,8 +455,9 @@ def _data(
 
 def _classifier(data: ClipDataModule, pretrained: bool) -> ClipClassifier:
     floor = data.features.floor_db
-    net = SoundNet(data.model, len(data.labels), floor, pretrained=pretrained)
-    return ClipClassifier(net, data.config, len(data.labels), floor)
+    multi = data.config.multi_label
+    net = SoundNet(data.model, len(data.labels), floor, pretrained=pretrained, multi_label=multi)
+    return ClipClassifier(net, data.config, len(data.labels), floor, data.features)
 
 
 @flush_denormals()
@@ -456,6 +525,8 @@ def train(
         raise ConfigError(f"unknown rejection score {rejection!r}; choose from {REJECTION_SCORES}")
     features = features or FeatureConfig()
     config = config or TrainConfig()
+    if not config.multi_label and any(t is not None and is_multi_label(t) for t in (clips, valid)):
+        config = replace(config, multi_label=True)
     out = Path(out)
     if lr_find and distribution(devices, num_nodes)[2] == "ddp":
         raise ConfigError("--lr auto runs in one process: run lr-find first, then train with --lr")
@@ -473,6 +544,12 @@ def train(
         progress=progress,
     )
     module = _classifier(data, pretrained)
+    background = data.background_clips
+    if progress and is_global_zero() and any(background.values()):
+        print(
+            f"background clips (no label): {background['train']} training, "
+            f"{background['valid']} validation"
+        )
     if lr_find:
         _use_found_rate(module, data, out / "lr_find.png", progress)
     trainer = _fit_stages(
@@ -537,6 +614,8 @@ def _validate_and_save(
     valid_clips = data.valid
     probabilities, targets = module.validation_results(len(valid_clips))
     model_path = out / "model.safetensors"
+    if module.config.multi_label:
+        return _save_multi_label(trainer, module, data, out, probabilities, targets)
     if trainer.is_global_zero:
         logits, counts, fitted_targets, embeddings = _validation_logits(module.net, data)
         centroids = _class_centroids(module.net, data) if rejection == "centroid_cosine" else None
@@ -563,7 +642,7 @@ def _validate_and_save(
                 features=data.features,
                 model=data.model,
                 train=config_to_dict(module.config),
-                metrics={k: metrics[k] for k in SUMMARY},
+                metrics=summary(metrics),
                 notice=licence_notice(data.model.backbone),
                 temperature=calibrated.temperature,
                 calibration=calibrated.summary,
@@ -573,6 +652,49 @@ def _validate_and_save(
         paths = valid_clips["path"].tolist()
         write_metrics(out, metrics, data.labels, paths, probabilities, targets)
         write_csv(calibrated.reliability, out / "reliability.csv")
+    return TrainResult(model_path, metrics, read_history(out / "history.csv"), data.failures)
+
+
+#: What a multi-label model file says of calibration (the ``calibration`` field).
+MULTI_LABEL_CALIBRATION = (
+    "multi-label model: no temperature scaling and no 'unknown' rule (both are for one "
+    "label per clip); a label is present at or above its own threshold, tuned for F1 "
+    "on the validation clips"
+)
+
+
+def _save_multi_label(
+    trainer: L.Trainer,
+    module: ClipClassifier,
+    data: ClipDataModule,
+    out: Path,
+    probabilities: np.ndarray,
+    targets: np.ndarray,
+) -> TrainResult:
+    """A multi-label run's end: tune each label's threshold for F1 on the validation
+    clips, score them there (lwlrap, mAP, per-class F1), and (rank 0) write the model
+    file, with the thresholds and no temperature or 'unknown' rule, and the scores."""
+    thresholds = tune_thresholds(targets, probabilities)
+    metrics = score(probabilities, targets, data.labels, thresholds)
+    model_path = out / "model.safetensors"
+    if trainer.is_global_zero:
+        save_model_file(
+            model_path,
+            module.net,
+            ModelSpec(
+                labels=tuple(data.labels),
+                features=data.features,
+                model=data.model,
+                train=config_to_dict(module.config),
+                metrics=summary(metrics),
+                notice=licence_notice(data.model.backbone),
+                calibration={"clips": len(targets), "note": MULTI_LABEL_CALIBRATION},
+                multi_label=True,
+                thresholds=tuple(round(float(t), 6) for t in thresholds),
+            ),
+        )
+        paths = data.valid["path"].tolist()
+        write_metrics(out, metrics, data.labels, paths, probabilities, targets)
     return TrainResult(model_path, metrics, read_history(out / "history.csv"), data.failures)
 
 
@@ -736,15 +858,13 @@ def cross_validate(
             progress=progress,
             **train_options,
         )
-        rows.append({"fold": k, **{key: result.metrics[key] for key in SUMMARY}})
+        rows.append({"fold": k, **summary(result.metrics)})
         if progress and is_global_zero():
-            print(
-                f"fold {k}: accuracy {result.metrics['accuracy']:.4f} "
-                f"MAP@3 {result.metrics['map3']:.4f} ({result.metrics['clips']} clips)"
-            )
+            print(f"fold {k}: {describe_scores(result.metrics)}")
     frame = pd.DataFrame(rows)
-    mean = frame[list(SUMMARY)].mean().to_dict()
-    std = frame[list(SUMMARY)].std(ddof=0).to_dict()
+    keys = [key for key in rows[0] if key != "fold"]
+    mean = frame[keys].mean().to_dict()
+    std = frame[keys].std(ddof=0).to_dict()
     if is_global_zero():
         write_json(out / "cv.json", {"folds": rows, "mean": mean, "std": std})
     return CVResult(rows, mean, std)

@@ -112,7 +112,7 @@ def check_label(label: str) -> str | None:
 
 
 def split_labels(
-    cells: Iterable[str], separator: str, csv_path: Path, first_line: int = 2
+    cells: Iterable[str], separator: str, csv_path: Path, problems: list[str] | None = None
 ) -> list[tuple[str, ...]]:
     """Each cell's labels (split at ``separator``, stripped; an empty cell: no label,
     a background clip), every label checked with :func:`check_label`.
@@ -120,28 +120,32 @@ def split_labels(
     Raises
     ------
     DatasetError
-        Naming ``csv_path`` and the line of each bad row (the first cell is on line
-        ``first_line``: line 1 is the header).
+        Naming ``csv_path`` and the line of each bad row (the first cell is on line 2:
+        line 1 is the header). With ``problems``, they are added to it instead.
     """
     if not separator:
         raise DatasetError("the label separator cannot be empty")
+    found: list[str] = [] if problems is None else problems
     rows: list[tuple[str, ...]] = []
-    problems: list[str] = []
-    for number, cell in enumerate(cells, start=first_line):
+    for number, cell in enumerate(cells, start=2):
         text = cell.strip() if isinstance(cell, str) else ""
         labels = tuple(part.strip() for part in text.split(separator)) if text else ()
-        for label in labels:
-            problem = check_label(label)
-            if problem:
-                problems.append(f"{csv_path}, line {number}: {problem} in {cell!r}")
-                break
-        if len(set(labels)) != len(labels):
-            problems.append(f"{csv_path}, line {number}: a label named twice in {cell!r}")
-        rows.append(tuple(dict.fromkeys(labels)))
+        bad = next((p for p in map(check_label, labels) if p), None)
+        if bad is None and len(set(labels)) != len(labels):
+            bad = "a label named twice"
+        if bad:
+            found.append(f"{csv_path}, line {number}: {bad} in {cell!r}")
+        rows.append(labels)
+    if problems is None:
+        _refuse(found)
+    return rows
+
+
+def _refuse(problems: list[str]) -> None:
+    """A :class:`DatasetError` listing the bad rows (the first 20), if any."""
     if problems:
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-        raise DatasetError("bad labels:\n  " + "\n  ".join(problems[:20]) + more)
-    return rows
+        raise DatasetError("bad rows:\n  " + "\n  ".join(problems[:20]) + more)
 
 
 def is_multi_label(table: pd.DataFrame) -> bool:
@@ -334,10 +338,9 @@ def _multi_label_rows(
     """``path`` (``folder/<file><extension>``) and ``labels`` of a multi-label CSV's
     rows; a row without a file name, or with a bad label, is named by its line."""
     names = frame[path_column].str.strip()
-    empty = [f"{csv_path}, line {i + 2}: no file name" for i in np.flatnonzero(names == "")]
-    if empty:
-        raise DatasetError("bad rows:\n  " + "\n  ".join(empty[:20]))
-    labels = split_labels(frame[label_column], separator, csv_path)
+    problems = [f"{csv_path}, line {i + 2}: no file name" for i in np.flatnonzero(names == "")]
+    labels = split_labels(frame[label_column], separator, csv_path, problems)
+    _refuse(sorted(problems, key=lambda p: int(p.split(", line ")[1].split(":")[0])))
     return pd.DataFrame({"path": folder + "/" + names + extension, "labels": labels})
 
 
@@ -394,12 +397,12 @@ def fsd50k(root: Path, split: str = "train") -> pd.DataFrame:
     if split == "test":
         csv_path = truth / "eval.csv"
         frame = _read_csv(csv_path, ("fname", "labels"))
-        return _table(_multi_label_rows(frame, csv_path, "FSD50K.eval_audio", ".wav"), root)
+        return _table(_multi_label_rows(frame, csv_path, "FSD50K.eval_audio", extension=".wav"), root)
     if split not in FSD50K_SPLITS:
         raise DatasetError(f"{root}: split must be 'train', 'valid' or 'test', not {split!r}")
     csv_path = truth / "dev.csv"
     frame = _read_csv(csv_path, ("fname", "labels", "split"))
-    rows = _multi_label_rows(frame, csv_path, "FSD50K.dev_audio", ".wav")
+    rows = _multi_label_rows(frame, csv_path, "FSD50K.dev_audio", extension=".wav")
     return _table(rows[(frame["split"].str.strip() == FSD50K_SPLITS[split]).to_numpy()], root)
 
 

@@ -155,7 +155,7 @@ class CachedClips(torch.utils.data.Dataset):
     ):
         self.paths = [str(p) for p in paths]
         self.entries = [_entry(cache, p) for p in self.paths]
-        targets = np.asarray(targets)
+        targets = np.array(targets)  # a copy: a Series' values may be read-only
         self.targets = torch.as_tensor(
             targets, dtype=torch.float32 if targets.ndim == 2 else torch.long
         )

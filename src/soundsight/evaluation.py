@@ -149,9 +149,11 @@ def average_precisions(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def tune_thresholds(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """One threshold per label: the score at which the label's F1 on these clips is
-    highest (over scikit-learn's ``precision_recall_curve``; a clip is positive at or
-    above it). A label without a positive clip keeps :data:`DEFAULT_THRESHOLD`."""
+    """One threshold per label: where the label's F1 on these clips is highest (over
+    scikit-learn's ``precision_recall_curve``; a clip is positive at or above it),
+    halfway between the lowest score it calls positive and the next lower score, so
+    that scores a hair apart (another runtime, folded batch norms) are called alike.
+    A label without a positive clip keeps :data:`DEFAULT_THRESHOLD`."""
     truth = np.asarray(truth) > 0
     chosen = np.full(truth.shape[1], DEFAULT_THRESHOLD)
     for c in range(truth.shape[1]):
@@ -160,7 +162,9 @@ def tune_thresholds(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
         precision, recall, cuts = precision_recall_curve(truth[:, c], scores[:, c])
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-        chosen[c] = cuts[int(np.argmax(f1[:-1]))]  # the last point has no threshold
+        best = int(np.argmax(f1[:-1]))  # the last point has no threshold
+        below = cuts[best - 1] if best > 0 else 0.0  # cuts: the distinct scores, rising
+        chosen[c] = (cuts[best] + below) / 2
     # A threshold of 0 would call every label present; sigmoid scores are above it.
     return np.clip(chosen, 1e-6, 1.0)
 

@@ -690,7 +690,7 @@ def _save_multi_label(
                 notice=licence_notice(data.model.backbone),
                 calibration={"clips": len(targets), "note": MULTI_LABEL_CALIBRATION},
                 multi_label=True,
-                thresholds=tuple(round(float(t), 6) for t in thresholds),
+                thresholds=tuple(float(t) for t in thresholds),
             ),
         )
         paths = data.valid["path"].tolist()

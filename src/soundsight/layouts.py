@@ -397,7 +397,9 @@ def fsd50k(root: Path, split: str = "train") -> pd.DataFrame:
     if split == "test":
         csv_path = truth / "eval.csv"
         frame = _read_csv(csv_path, ("fname", "labels"))
-        return _table(_multi_label_rows(frame, csv_path, "FSD50K.eval_audio", extension=".wav"), root)
+        return _table(
+            _multi_label_rows(frame, csv_path, "FSD50K.eval_audio", extension=".wav"), root
+        )
     if split not in FSD50K_SPLITS:
         raise DatasetError(f"{root}: split must be 'train', 'valid' or 'test', not {split!r}")
     csv_path = truth / "dev.csv"

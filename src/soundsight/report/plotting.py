@@ -41,6 +41,9 @@ RUN_PLOTS = (
     "tsne",
     "tsne_thumbnails",
 )
+#: Plots of a multi-label run only, and of a single-label run only.
+MULTI_LABEL_PLOTS = {"average_precision", "pr_curves"}
+SINGLE_LABEL_PLOTS = {"confusion", "reliability"}
 #: The plots drawn from the clips themselves (log-mels, embeddings).
 TSNE_PLOTS = {"tsne", "tsne_thumbnails"}
 CLIP_PLOTS = {"top_losses"} | TSNE_PLOTS

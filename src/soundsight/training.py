@@ -607,51 +607,44 @@ def _validate_and_save(
     keep: float,
     rejection: str,
 ) -> TrainResult:
-    """Score the trained network on every validation clip, fit the temperature and the
-    ``unknown`` threshold on them (the scores then are the calibrated ones a user will
-    read); rank 0 writes the model file and the scores."""
+    """Score the trained network on every validation clip and give its scores their
+    meaning there: for a single-label model, fit the temperature and the ``unknown``
+    threshold (the scores then are the calibrated ones a user will read); for a
+    multi-label one, tune each label's threshold for F1 (it has neither temperature nor
+    ``unknown``). Rank 0 writes the model file and the scores."""
     trainer.validate(module, datamodule=data, verbose=False)
-    valid_clips = data.valid
-    probabilities, targets = module.validation_results(len(valid_clips))
-    model_path = out / "model.safetensors"
+    probabilities, targets = module.validation_results(len(data.valid))
+    thresholds = None
+    meaning: dict = {}
+    reliability = None
     if module.config.multi_label:
-        return _save_multi_label(trainer, module, data, out, probabilities, targets)
-    if trainer.is_global_zero:
-        logits, counts, fitted_targets, embeddings = _validation_logits(module.net, data)
-        centroids = _class_centroids(module.net, data) if rejection == "centroid_cosine" else None
-        calibrated = calibrate(
-            logits,
-            counts,
-            fitted_targets,
-            keep=keep,
-            score=rejection,
-            embeddings=embeddings,
-            centroids=centroids,
+        thresholds = tune_thresholds(targets, probabilities)
+        meaning = {
+            "calibration": {"clips": len(targets), "note": MULTI_LABEL_CALIBRATION},
+            "multi_label": True,
+            "thresholds": tuple(float(t) for t in thresholds),
+        }
+    elif trainer.is_global_zero:
+        probabilities, targets, meaning, reliability = _calibrated(
+            module, data, probabilities, targets, keep, rejection
         )
-        if len(fitted_targets) == len(targets):
-            probabilities, targets = calibrated.probabilities, fitted_targets
-    metrics = score(probabilities, targets, data.labels)
+    metrics = score(probabilities, targets, data.labels, thresholds)
+    model_path = out / "model.safetensors"
     if trainer.is_global_zero:
-        if "note" in calibrated.summary:
-            warnings.warn(calibrated.summary["note"], stacklevel=3)
-        save_model_file(
-            model_path,
-            module.net,
-            ModelSpec(
-                labels=tuple(data.labels),
-                features=data.features,
-                model=data.model,
-                train=config_to_dict(module.config),
-                metrics=summary(metrics),
-                notice=licence_notice(data.model.backbone),
-                temperature=calibrated.temperature,
-                calibration=calibrated.summary,
-                rejection=calibrated.rejection.to_dict() if calibrated.rejection else {},
-            ),
+        spec = ModelSpec(
+            labels=tuple(data.labels),
+            features=data.features,
+            model=data.model,
+            train=config_to_dict(module.config),
+            metrics=summary(metrics),
+            notice=licence_notice(data.model.backbone),
+            **meaning,
         )
-        paths = valid_clips["path"].tolist()
+        save_model_file(model_path, module.net, spec)
+        paths = data.valid["path"].tolist()
         write_metrics(out, metrics, data.labels, paths, probabilities, targets)
-        write_csv(calibrated.reliability, out / "reliability.csv")
+        if reliability is not None:
+            write_csv(reliability, out / "reliability.csv")
     return TrainResult(model_path, metrics, read_history(out / "history.csv"), data.failures)
 
 
@@ -663,39 +656,39 @@ MULTI_LABEL_CALIBRATION = (
 )
 
 
-def _save_multi_label(
-    trainer: L.Trainer,
+def _calibrated(
     module: ClipClassifier,
     data: ClipDataModule,
-    out: Path,
     probabilities: np.ndarray,
     targets: np.ndarray,
-) -> TrainResult:
-    """A multi-label run's end: tune each label's threshold for F1 on the validation
-    clips, score them there (lwlrap, mAP, per-class F1), and (rank 0) write the model
-    file, with the thresholds and no temperature or 'unknown' rule, and the scores."""
-    thresholds = tune_thresholds(targets, probabilities)
-    metrics = score(probabilities, targets, data.labels, thresholds)
-    model_path = out / "model.safetensors"
-    if trainer.is_global_zero:
-        save_model_file(
-            model_path,
-            module.net,
-            ModelSpec(
-                labels=tuple(data.labels),
-                features=data.features,
-                model=data.model,
-                train=config_to_dict(module.config),
-                metrics=summary(metrics),
-                notice=licence_notice(data.model.backbone),
-                calibration={"clips": len(targets), "note": MULTI_LABEL_CALIBRATION},
-                multi_label=True,
-                thresholds=tuple(float(t) for t in thresholds),
-            ),
-        )
-        paths = data.valid["path"].tolist()
-        write_metrics(out, metrics, data.labels, paths, probabilities, targets)
-    return TrainResult(model_path, metrics, read_history(out / "history.csv"), data.failures)
+    keep: float,
+    rejection: str,
+) -> tuple[np.ndarray, np.ndarray, dict, pd.DataFrame]:
+    """Fit a single-label model's temperature and ``unknown`` rule on the validation
+    clips (rank 0 alone, scoring every clip itself): the clips' calibrated
+    probabilities and targets, the model file's fields for them and the reliability
+    table."""
+    logits, counts, fitted_targets, embeddings = _validation_logits(module.net, data)
+    centroids = _class_centroids(module.net, data) if rejection == "centroid_cosine" else None
+    calibrated = calibrate(
+        logits,
+        counts,
+        fitted_targets,
+        keep=keep,
+        score=rejection,
+        embeddings=embeddings,
+        centroids=centroids,
+    )
+    if len(fitted_targets) == len(targets):
+        probabilities, targets = calibrated.probabilities, fitted_targets
+    if "note" in calibrated.summary:
+        warnings.warn(calibrated.summary["note"], stacklevel=4)
+    meaning = {
+        "temperature": calibrated.temperature,
+        "calibration": calibrated.summary,
+        "rejection": calibrated.rejection.to_dict() if calibrated.rejection else {},
+    }
+    return probabilities, targets, meaning, calibrated.reliability
 
 
 def _use_found_rate(

@@ -108,6 +108,35 @@ def test_adding_log_mels_sums_powers():
     torch.testing.assert_close(mixed, expected, atol=1e-2, rtol=0)
 
 
+def test_mixing_two_clips_of_a_batch_unites_their_labels():
+    import torch
+
+    from soundsight.training import mix_clips
+
+    features = FeatureConfig()
+    db = torch.full((6, 1, 8, 10), features.floor_db)
+    for clip in range(6):
+        db[clip, 0, clip] = 0.0  # clip i: band i loud, the rest silent
+    targets = torch.eye(6)
+    targets[5] = 0  # a background clip
+    weights = torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+    torch.manual_seed(0)
+    mixed, united, weighed = mix_clips(db, targets, weights, 1.0, features)
+    pairs = 0
+    for clip in range(6):
+        loud = set(torch.nonzero(mixed[clip, 0, :, 0] > -10).flatten().tolist())
+        assert clip in loud and len(loud) <= 2
+        (other,) = loud - {clip} or {clip}
+        pairs += other != clip
+        torch.testing.assert_close(united[clip], torch.maximum(targets[clip], targets[other]))
+        assert weighed[clip] == min(weights[clip], weights[other])
+        # Two loud bands at the same level: each is 0 dB after the mixture's reference.
+        assert mixed[clip, 0, clip, 0] == pytest.approx(0.0, abs=1e-4)
+    assert pairs >= 3
+    unchanged = mix_clips(db, targets, weights, 0.0, features)
+    assert all(a is b for a, b in zip(unchanged, (db, targets, weights), strict=True))
+
+
 # -- layouts ------------------------------------------------------------------------
 
 
@@ -365,6 +394,28 @@ def test_multi_label_training_stores_thresholds_and_skips_calibration(multi_mode
     probabilities = classifier.probabilities([classifier.log_mel(clip)])[0]
     assert probabilities.min() > 0 and probabilities.max() < 1
     assert not np.isclose(probabilities.sum(), 1.0)
+
+
+@pytest.mark.slow
+def test_train_cli_detects_the_multi_label_layout(mixtures, tmp_path, run_cli):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        "train", mixtures, "--out", out, "--epochs", "1", "--cache", tmp_path / "c",
+        "--mix-probability", "0.2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "background clips (no label): 8 training, 2 validation" in stdout
+    assert "validation: 28 clips (2 without a label), lwlrap" in stdout
+    from soundsight.modelfile import read_spec
+
+    spec = read_spec(out / "model.safetensors")
+    assert spec.multi_label and spec.train["mix_probability"] == 0.2
+    assert (out / "pr_curves.png").is_file() and not (out / "confusion.png").exists()
+
+
+def test_mix_probability_needs_multi_label_clips(fsdd_subset, tmp_path, run_cli):
+    code, _, err = run_cli("train", fsdd_subset, "--out", tmp_path, "--mix-probability", "0.3")
+    assert code == 2 and "--mix-probability is for multi-label training" in err
 
 
 @pytest.mark.slow

@@ -282,7 +282,9 @@ class ClipClassifier(L.LightningModule):
         probabilities = clip_probabilities(self.net, windows, counts).float()
         self._valid_outputs.append((probabilities.cpu(), targets.cpu(), rows.cpu()))
         if self.config.multi_label:
-            loss = F.binary_cross_entropy(probabilities.clamp(1e-7, 1 - 1e-7), targets)
+            # By hand: F.binary_cross_entropy is refused under CUDA autocast (bf16).
+            p = probabilities.clamp(1e-7, 1 - 1e-7)
+            loss = -(targets * p.log() + (1 - targets) * (1 - p).log()).mean()
             error = ((probabilities >= 0.5) != (targets > 0.5)).float().mean()
         else:
             loss = F.nll_loss(probabilities.clamp_min(1e-8).log(), targets)

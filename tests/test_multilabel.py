@@ -199,6 +199,21 @@ def test_multi_label_rows_with_bad_labels_are_named_by_line(tmp_path, fsdd_clips
     assert "line 2" not in message
 
 
+def test_multi_label_folds_are_stratified_by_each_clips_first_label(tmp_path, fsdd_clips):
+    from soundsight.evaluation import holdout, strata
+
+    names = _linked(tmp_path, "train_curated", fsdd_clips)
+    cells = [f"{'ab'[i % 2]},{'cdefghijkl'[i % 10]}" for i in range(16)] + [""] * 4
+    pd.DataFrame({"fname": names, "labels": cells}).to_csv(
+        tmp_path / "train_curated.csv", index=False
+    )
+    table = load_dataset(tmp_path)
+    assert strata(table).value_counts().to_dict() == {"a": 8, "b": 8, "": 4}
+    train, valid = holdout(table, 0.25)
+    assert len(valid) == 5 and is_multi_label(valid)
+    assert strata(valid).value_counts().to_dict() == {"a": 2, "b": 2, "": 1}
+
+
 def test_fsd50k_layout_splits_dev_by_its_split_column(tmp_path, fsdd_clips):
     truth = tmp_path / "FSD50K.ground_truth"
     truth.mkdir()
@@ -513,3 +528,29 @@ def test_a_single_label_model_refuses_multi_label_input(tiny_model, mixtures, ru
     assert code == 2 and "the model is single-label" in err
     code, _, err = run_cli("predict", tiny_model, mixtures / "test", "--threshold", "0.3")
     assert code == 2 and "--threshold is for multi-label models" in err
+
+
+@pytest.mark.slow
+def test_exported_multi_label_model_keeps_its_sigmoids_and_thresholds(
+    multi_model, mixtures, tmp_path, run_cli
+):
+    from soundsight.export import export_onnx
+    from soundsight.prediction import Classifier
+    from soundsight.runtime import OnnxClassifier
+
+    onnx = OnnxClassifier.load(export_onnx(multi_model, tmp_path / "model.onnx"))
+    torch_model = Classifier.load(multi_model)
+    assert onnx.spec.multi_label and onnx.spec.thresholds == torch_model.spec.thresholds
+    clips = sorted((mixtures / "test").glob("*.wav"))[:6]
+    expected, _ = torch_model.predict_files(clips, workers=0, progress=False)
+    found, _ = onnx.predict_files(clips, progress=False)
+    labels = torch_model.labels
+    np.testing.assert_allclose(found[labels], expected[labels], atol=1e-4)
+    for clip in clips:  # the same labels above their thresholds (none is a hair from one)
+        answer, reference = onnx.predict(clip), torch_model.predict(clip)
+        assert [label for label, _ in answer] == [label for label, _ in reference]
+        assert [p for _, p in answer] == pytest.approx([p for _, p in reference], abs=1e-4)
+    out = tmp_path / "onnx.csv"
+    code, _, err = run_cli("predict", tmp_path / "model.onnx", *clips, "--out", out)
+    assert code == 0, err
+    assert list(pd.read_csv(out).columns[:3]) == ["fname", "labels", "path"]

@@ -19,7 +19,7 @@ from sklearn.metrics import (
 )
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from .layouts import LABEL_JOIN, DatasetError
+from .layouts import LABEL_JOIN, DatasetError, clip_labels, is_multi_label
 from .tables import write_csv
 
 #: The headline scores kept in metrics.json, model files and CV summaries.
@@ -279,11 +279,20 @@ def write_metrics(
     write_csv(frame, out / "valid_predictions.csv")
 
 
+def strata(table: pd.DataFrame) -> pd.Series:
+    """What folds are stratified by: each clip's label; for a multi-label table, each
+    clip's first label ("" for a background clip), since nearly every combination of
+    labels would be a class of its own."""
+    if is_multi_label(table):
+        return pd.Series([labels[0] if labels else "" for labels in clip_labels(table)])
+    return table["label"].astype(str).reset_index(drop=True)
+
+
 def _check_splittable(table: pd.DataFrame, n_folds: int, grouped: bool) -> None:
     """A clear error where sklearn's splitters would refuse ``n_folds`` folds."""
     if len(table) < n_folds:
         raise DatasetError(f"{len(table)} clips cannot be split into {n_folds} folds")
-    counts = table["label"].astype(str).value_counts()
+    counts = strata(table).value_counts()
     if counts.iloc[0] < n_folds:
         raise DatasetError(
             f"every label has fewer clips than the {n_folds} folds (the largest, "
@@ -307,7 +316,7 @@ def make_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> list[np.
     Labels with fewer clips than folds cannot appear in every fold: a warning says
     which, and they land in the training side of the folds that lack them.
     """
-    labels = table["label"].astype(str).to_numpy()
+    labels = strata(table).to_numpy()
     if table["fold"].notna().all() and table["fold"].nunique() == n_folds:
         return [
             np.flatnonzero(table["fold"].to_numpy() == f) for f in sorted(table["fold"].unique())
@@ -344,14 +353,14 @@ def holdout(
     groups), at least two: without groups, every label with two clips or more keeps one for
     training."""
     n_folds = max(2, round(1 / fraction))
-    largest = int(table["label"].astype(str).value_counts().max()) if len(table) else 0
+    largest = int(strata(table).value_counts().max()) if len(table) else 0
     n_folds = max(2, min(n_folds, largest))
     if table["group"].notna().all():
         n_folds = max(2, min(n_folds, table["group"].nunique()))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fewer clips than the")
         valid = make_folds(table.assign(fold=pd.NA), n_folds, seed)[0]
-    rare = table["label"].astype(str).value_counts()
+    rare = strata(table).value_counts()
     singles = list(rare[rare < 2].index)
     if singles:
         warnings.warn(
@@ -359,7 +368,7 @@ def holdout(
             "they are kept for training and cannot be validated",
             stacklevel=2,
         )
-        valid = valid[~table["label"].astype(str).iloc[valid].isin(singles).to_numpy()]
+        valid = valid[~strata(table).iloc[valid].isin(singles).to_numpy()]
     mask = np.zeros(len(table), bool)
     mask[valid] = True
     return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)

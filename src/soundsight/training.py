@@ -9,6 +9,12 @@ the model file and the scores (:func:`soundsight.evaluation.write_metrics`). Sta
 trains the new head with the body frozen; stage 2 unfreezes everything, the body at a
 lower learning rate than the head; each stage runs its own one-cycle schedule
 (:mod:`soundsight.schedule`).
+
+A multi-label table (:func:`soundsight.layouts.is_multi_label`), or
+``TrainConfig(multi_label=True)``, trains the same way with sigmoid outputs, binary
+cross-entropy and clips mixed in pairs (:func:`mix_clips`); instead of the temperature
+and the ``unknown`` rule, each label gets a threshold tuned for F1 on the validation
+clips (:func:`soundsight.evaluation.tune_thresholds`), stored in the model file.
 """
 
 from __future__ import annotations
@@ -486,7 +492,9 @@ def train(
     Parameters
     ----------
     clips : DataFrame
-        Training clips (:func:`soundsight.load_dataset`); labels are strings.
+        Training clips (:func:`soundsight.load_dataset`); labels are strings. A
+        multi-label table (several labels per clip, or none) makes it multi-label
+        training (``config.multi_label`` is set).
     out : path
         Run folder: model file, per-epoch ``history.csv``, ``metrics.json`` and the
         other scores (:func:`soundsight.evaluation.write_metrics`), checkpoints (for

@@ -554,3 +554,16 @@ def test_exported_multi_label_model_keeps_its_sigmoids_and_thresholds(
     code, _, err = run_cli("predict", tmp_path / "model.onnx", *clips, "--out", out)
     assert code == 0, err
     assert list(pd.read_csv(out).columns[:3]) == ["fname", "labels", "path"]
+
+
+@pytest.mark.slow
+def test_cross_validation_of_a_multi_label_set(mixtures, tmp_path, run_cli):
+    code, stdout, err = run_cli(
+        "cv", mixtures, "--folds", "2", "--out", tmp_path / "cv", "--epochs", "1",
+        "--cache", tmp_path / "c",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert [fold["clips"] for fold in summary["folds"]] == [24, 24]
+    assert set(summary["mean"]) == {"clips", "background_clips", "lwlrap", "mean_ap", "macro_f1"}
+    assert "lwlrap:" in stdout and "accuracy" not in stdout

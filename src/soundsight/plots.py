@@ -816,14 +816,17 @@ def plot_tsne_thumbnails(
 
 
 def plot_cv_summary(folds: pd.DataFrame) -> Figure:
-    """Per-fold accuracy and MAP@3 (``cv.json`` folds), their means dashed."""
+    """Per-fold accuracy and MAP@3 (``cv.json`` folds; a multi-label model's lwlrap
+    and mAP), their means dashed."""
     figure = Figure(figsize=(8, 4), layout="constrained")
     ax = figure.subplots()
     x = np.arange(len(folds))
     width = 0.38
-    for offset, column, colour, name in (
-        (-width / 2, "accuracy", OKABE_ITO[0], "accuracy"),
-        (width / 2, "map3", OKABE_ITO[1], "MAP@3"),
+    scores = (("lwlrap", "lwlrap"), ("mean_ap", "mAP"))
+    if "lwlrap" not in folds:
+        scores = (("accuracy", "accuracy"), ("map3", "MAP@3"))
+    for offset, (column, name), colour in zip(
+        (-width / 2, width / 2), scores, OKABE_ITO[:2], strict=True
     ):
         values = 100 * folds[column].to_numpy(float)
         ax.bar(
@@ -832,7 +835,7 @@ def plot_cv_summary(folds: pd.DataFrame) -> Figure:
             width,
             color=colour,
             label=name,
-            hatch="" if column == "accuracy" else "//",
+            hatch="" if column == scores[0][0] else "//",
             edgecolor="white",
         )
         ax.axhline(values.mean(), color=colour, linestyle="--", linewidth=1)

@@ -273,7 +273,16 @@ def test_missing_dataset_folder(tmp_path):
 
 
 def test_every_layout_is_registered():
-    assert set(LAYOUTS) == {"fsdkaggle2018", "esc50", "fsdd", "folder", "regex", "csv"}
+    assert set(LAYOUTS) == {
+        "fsdkaggle2018",
+        "fsdkaggle2019",
+        "fsd50k",
+        "esc50",
+        "fsdd",
+        "folder",
+        "regex",
+        "csv",
+    }
 
 
 def test_csv_row_whose_file_is_missing_fails_in_prepare_only(tmp_path, fsdd_clips):

@@ -39,6 +39,11 @@ def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--csv", help="csv layout: CSV file listing clips")
     group.add_argument("--path-column", default="path", help="csv layout: column with file paths")
     group.add_argument("--label-column", default="label", help="csv layout: column with labels")
+    group.add_argument(
+        "--label-separator",
+        help="csv layout: the label column lists several labels per clip, separated by "
+        "this (e.g. ','; multi-label; an empty cell is a background clip)",
+    )
 
 
 def _dataset(args: argparse.Namespace, split: str | None = None):
@@ -50,7 +55,10 @@ def _dataset(args: argparse.Namespace, split: str | None = None):
             "csv": args.csv,
             "path_column": args.path_column,
             "label_column": args.label_column,
+            "label_separator": args.label_separator,
         }
+    elif args.label_separator is not None:
+        raise SoundsightError("--label-separator is for --layout csv")
     from .layouts import load_dataset
 
     return load_dataset(args.data, args.layout, split or args.split, **options)
@@ -83,6 +91,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in (0, 1], got {text!r}")
     return value
 
 
@@ -212,6 +227,9 @@ TRAIN_HELP = {
     "seed": "random seed",
     "num_workers": "DataLoader worker processes",
     "linear_probe": "LP-FT: fit the head on frozen embeddings first (logistic regression)",
+    "multi_label": "several labels per clip: sigmoid outputs, binary cross-entropy, "
+    "per-class thresholds (set by itself for a multi-label layout)",
+    "mix_probability": "multi-label: share of training examples that are two clips summed",
 }
 
 
@@ -303,22 +321,29 @@ def _recipe(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 def _train_valid(args: argparse.Namespace):
     """Training clips and validation clips: the dataset's own test side where it has a
     labelled one, else None (train holds out a grouped, stratified 20%)."""
-    from .layouts import TEST_SIDES
+    from .layouts import VALIDATION_SIDES, is_multi_label
 
     table = _dataset(args, "train")
-    if table.attrs["layout"] in TEST_SIDES:
-        valid = _dataset(args, "test")
-        if valid["label"].notna().all():
+    side = VALIDATION_SIDES.get(table.attrs["layout"])
+    if side is not None:
+        valid = _dataset(args, side)
+        if is_multi_label(valid) or valid["label"].notna().all():
             return table, valid
     return table, None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .layouts import is_multi_label
     from .report import plot_run
     from .training import is_global_zero, train
 
     clips, valid = _train_valid(args)
     model, config = _recipe(args)
+    if args.mix_probability is not None and not (config.multi_label or is_multi_label(clips)):
+        raise SoundsightError(
+            "--mix-probability is for multi-label training: give --multi-label, or a "
+            "multi-label layout (fsdkaggle2019, fsd50k, csv with --label-separator)"
+        )
     result = train(
         clips,
         args.out,
@@ -362,7 +387,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from .report import plot_run
-    from .training import SUMMARY, cross_validate, is_global_zero
+    from .training import cross_validate, is_global_zero
 
     model, config = _recipe(args)
     result = cross_validate(
@@ -382,7 +407,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     if not is_global_zero():
         return 0
     print(pd.DataFrame(result.folds).to_string(index=False))
-    for key in SUMMARY[1:]:
+    for key in list(result.mean)[1:]:
         print(f"{key}: {result.mean[key]:.4f} +- {result.std[key]:.4f}")
     print(
         f"results: {Path(args.out) / 'cv.json'}; plots: {len(plot_run(args.out, args.cache))} PNGs"
@@ -391,10 +416,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _print_scores(what: str, metrics: dict) -> None:
-    print(
-        f"{what}: {metrics['clips']} clips, accuracy {metrics['accuracy']:.4f}, "
-        f"error rate {metrics['error_rate']:.4f}, MAP@3 {metrics['map3']:.4f}"
-    )
+    from .evaluation import describe_scores
+
+    print(f"{what}: {describe_scores(metrics)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -407,12 +431,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics, frame, failures = evaluate(args.model, clips, args.cache)
     _print_scores(f"{args.data} ({args.split})", metrics)
     print(metrics["per_class"].to_string(index=False, float_format="%.3f"))
-    if len(metrics["most_confused"]):
+    if len(metrics.get("most_confused", ())):
         print("most confused (true -> predicted):")
         print(metrics["most_confused"].head(10).to_string(index=False))
     if args.out:
         labels = list(frame.columns[2:])
-        targets = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
+        if "labels" in frame:  # a multi-label model: each clip's labels, 0/1 per label
+            from .layouts import LABEL_JOIN, multi_hot
+
+            index = {label: i for i, label in enumerate(labels)}
+            given = [tuple(filter(None, cell.split(LABEL_JOIN))) for cell in frame["labels"]]
+            targets = multi_hot(given, index)
+        else:
+            targets = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_metrics(
             Path(args.out),
@@ -473,14 +504,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise DatasetError(f"no audio files in {', '.join(args.paths or [args.data])}")
     classifier = load_classifier(args.model, args.runtime, args.threads)
-    _print_notice(classifier.spec.notice)
+    spec = classifier.spec
+    if args.threshold is not None and not spec.multi_label:
+        raise SoundsightError(
+            f"--threshold is for multi-label models; {args.model} is single-label (one "
+            "label per clip: use --top-k, and its 'unknown' threshold)"
+        )
+    _print_notice(spec.notice)
     if isinstance(classifier, OnnxClassifier):
         frame, failures = classifier.predict_files(paths)
     else:
         frame, failures = classifier.predict_files(paths, workers=args.workers)
     root = args.data or (args.paths[0] if len(args.paths) == 1 else None)
-    known = None
-    if not args.no_unknown:
+    known = thresholds = None
+    if spec.multi_label:
+        thresholds = (
+            [args.threshold] * len(spec.labels) if args.threshold is not None else spec.thresholds
+        )
+    elif not args.no_unknown:
         if classifier.rejection is None:
             print(
                 f"note: {args.model} has no 'unknown' threshold (trained before it existed, "
@@ -489,7 +530,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             )
         known = frame.attrs["known"]
     result = submission(
-        frame, classifier.labels, args.top_k, root, known=known, unknown_label=args.unknown_label
+        frame,
+        classifier.labels,
+        args.top_k,
+        root,
+        known=known,
+        unknown_label=args.unknown_label,
+        thresholds=thresholds,
     )
     if args.out:
         write_csv(result, args.out)
@@ -757,7 +804,17 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=sorted(LAYOUTS), help="layout of --data")
     p.add_argument("--split", default="test", help="side of --data to predict (default test)")
     p.add_argument("--top-k", type=_positive_int, default=3, help="labels per file (default 3)")
-    p.add_argument("--out", help="CSV file for fname,label (default: print)")
+    p.add_argument(
+        "--threshold",
+        type=_probability,
+        help="multi-label models: one probability threshold for every label, in place of "
+        "the per-class thresholds tuned at training",
+    )
+    p.add_argument(
+        "--out",
+        help="CSV file for fname,label (a multi-label model: fname,labels,path and each "
+        "label's probability; default: print)",
+    )
     p.add_argument("--probabilities", help="also write per-class probabilities to this CSV")
     _add_workers(p)
     _add_unknown_args(p)

@@ -226,6 +226,15 @@ class TrainConfig:
         frozen body's embeddings of every training window (a linear probe trained to
         convergence, where a short stage 1 learns little); with no epochs at all, the
         probe is the whole training (frozen features + logistic regression).
+    multi_label : bool
+        Several labels per clip (or none): sigmoid outputs and binary cross-entropy,
+        clips mixed into training examples (``mix_probability``), and one threshold
+        per class tuned on the validation side. Set by ``train`` itself for a
+        multi-label table (:func:`soundsight.layouts.is_multi_label`).
+    mix_probability : float
+        Multi-label only: the share of training examples made by adding a second
+        clip of the batch to a clip (their log-mels summed as powers, their labels
+        united).
     """
 
     stage1_epochs: int = 1
@@ -246,12 +255,23 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     linear_probe: bool = False
+    multi_label: bool = False
+    mix_probability: float = 0.5
 
     def __post_init__(self):
         if self.stage1_epochs < 0 or self.stage2_epochs < 0:
             raise ConfigError(f"epochs cannot be negative: {self}")
         if self.epochs < 1 and not self.linear_probe:
             raise ConfigError(f"need at least one epoch (or the linear probe): {self}")
+        if not 0.0 <= self.mix_probability <= 1.0:
+            raise ConfigError(f"mix_probability must be in [0, 1], got {self.mix_probability}")
+        if self.multi_label and self.mixup > 0:
+            raise ConfigError(
+                "mixup blends one label per clip; a multi-label model mixes clips instead "
+                "(--mix-probability): set --mixup 0"
+            )
+        if self.multi_label and self.linear_probe:
+            raise ConfigError("the linear probe (LP-FT) fits single-label heads only")
 
     @property
     def epochs(self) -> int:

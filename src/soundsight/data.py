@@ -133,7 +133,9 @@ class CachedClips(torch.utils.data.Dataset):
     """Clips read from a :class:`FeatureCache` (memory-mapped, never decoded).
 
     Items are ``(view, target, weight)`` with ``view`` of shape ``(1, H, W)`` for
-    training (one random view) or ``(k, 1, H, W)`` for evaluation (all windows).
+    training (one random view) or ``(k, 1, H, W)`` for evaluation (all windows), and
+    ``target`` the class number, or for multi-label targets (a ``(clips, labels)``
+    0/1 matrix) the clip's row of it as floats.
 
     Each clip's cache entry is looked up once, here: the dataset goes on reading the
     features the clip had then, even when the file is edited or deleted meanwhile (an
@@ -152,7 +154,10 @@ class CachedClips(torch.utils.data.Dataset):
     ):
         self.paths = [str(p) for p in paths]
         self.entries = [cache.stored_entry(p) for p in self.paths]
-        self.targets = torch.as_tensor(list(targets), dtype=torch.long)
+        targets = np.array(targets)  # a copy: a Series' values may be read-only
+        self.targets = torch.as_tensor(
+            targets, dtype=torch.float32 if targets.ndim == 2 else torch.long
+        )
         self.weights = (
             torch.ones(len(self.paths))
             if weights is None

@@ -33,7 +33,7 @@ from .data import CachedClips, ClipView, collate_windows
 from .distributed import is_global_zero, launch_rank
 from .evaluation import holdout
 from .features import FeatureConfig
-from .layouts import DatasetError
+from .layouts import DatasetError, clip_labels, is_multi_label, multi_hot
 from .models import ModelConfig
 from .tables import read_csv, write_csv
 
@@ -158,6 +158,7 @@ class ClipDataModule(L.LightningDataModule):
         self.progress = progress
         self.failures: list[tuple[str, str]] = []
         self.labels: list[str] = []
+        self.background_clips: dict[str, int] = {}
         self._clips = _labelled(clips)
         self._given_valid = valid
         self._snapshot: pd.DataFrame | None = None
@@ -223,8 +224,18 @@ class ClipDataModule(L.LightningDataModule):
         cache = self._feature_cache
         self._leave_out(self._report.failures, "could not be decoded")
         train, valid = (self._cached(self._tables[s], cache) for s in ("train", "valid"))
-        self.labels = sorted(train["label"].unique())
-        unseen = ~valid["label"].isin(self.labels)
+        multi = self.config.multi_label
+        if multi:
+            self.labels = sorted({label for labels in clip_labels(train) for label in labels})
+            known = set(self.labels)
+            unseen = np.array([not set(labels) <= known for labels in clip_labels(valid)], bool)
+            if not self.labels:
+                raise DatasetError(
+                    f"none of the {len(train)} training clips has a label: nothing to learn"
+                )
+        else:
+            self.labels = sorted(train["label"].unique())
+            unseen = ~valid["label"].isin(self.labels).to_numpy()
         if unseen.any():
             warnings.warn(
                 f"{int(unseen.sum())} validation clips have labels absent from training "
@@ -248,7 +259,15 @@ class ClipDataModule(L.LightningDataModule):
             train["verified"].fillna(True).to_numpy(bool), 1.0, self.config.unverified_weight
         )
         self._tables = {"train": train, "valid": valid}
-        targets = {split: table["label"].map(index) for split, table in self._tables.items()}
+        targets = {
+            split: multi_hot(clip_labels(table), index) if multi else table["label"].map(index)
+            for split, table in self._tables.items()
+        }
+        #: Multi-label clips without a label (background), per split.
+        self.background_clips = {
+            split: int((target.sum(1) == 0).sum()) if multi else 0
+            for split, target in targets.items()
+        }
         self._sets = {
             "train": CachedClips(cache, train["path"], targets["train"], view, True, weights),
             "valid": CachedClips(cache, valid["path"], targets["valid"], view, False),
@@ -378,7 +397,10 @@ class ClipDataModule(L.LightningDataModule):
 
 
 def _labelled(table: pd.DataFrame) -> pd.DataFrame:
-    """Clips with a label, labels as strings (a table built by hand may hold numbers)."""
+    """Clips with a label, labels as strings (a table built by hand may hold numbers);
+    every clip of a multi-label table, background clips (no label) included."""
+    if is_multi_label(table):
+        return table.reset_index(drop=True)
     labelled = table[table["label"].notna()]
     return labelled.assign(label=labelled["label"].astype(str)).reset_index(drop=True)
 

@@ -247,7 +247,7 @@ def file_timeline(
 
 def thresholds(classifier: Classifier, settings: DetectConfig) -> np.ndarray:
     """Per-label thresholds: the setting's, else the model's tuned ones, else 0.5."""
-    tuned = getattr(classifier.spec, "thresholds", ())
+    tuned = classifier.spec.thresholds
     if settings.threshold is not None or not tuned:
         value = 0.5 if settings.threshold is None else settings.threshold
         return np.full(len(classifier.labels), value, np.float32)

@@ -104,11 +104,13 @@ def gather_in_order(
     Returns
     -------
     (probabilities, targets)
-        ``(count, classes)`` and ``(count,)``, row ``i`` for clip ``i``.
+        ``(count, classes)`` and ``(count,)`` (multi-label: ``(count, classes)``), row
+        ``i`` for clip ``i``.
     """
     classes = shares[0][0].shape[1]
     probabilities = np.zeros((count, classes), np.float32)
-    targets = np.zeros(count, np.int64)
+    first_targets = shares[0][1]
+    targets = np.zeros((count, *first_targets.shape[1:]), first_targets.dtype)
     seen = np.zeros(count, bool)
     for share_probabilities, share_targets, rows in shares:
         # Padding repeats a clip on another rank; its copies are equal, either one serves.

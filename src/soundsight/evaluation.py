@@ -11,14 +11,45 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+)
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from .layouts import DatasetError
+from .layouts import LABEL_JOIN, DatasetError, clip_labels, is_multi_label
 from .tables import write_csv
 
 #: The headline scores kept in metrics.json, model files and CV summaries.
 SUMMARY = ("clips", "accuracy", "error_rate", "map3")
+#: The same for a multi-label model (:func:`multi_label_score`).
+MULTI_LABEL_SUMMARY = ("clips", "background_clips", "lwlrap", "mean_ap", "macro_f1")
+#: Threshold of a class the validation side has no clip of (nothing to tune it on).
+DEFAULT_THRESHOLD = 0.5
+
+
+def describe_scores(metrics: dict) -> str:
+    """The headline scores in words: accuracy, error rate and MAP@3, or a multi-label
+    model's lwlrap, mAP and macro F1."""
+    if "lwlrap" in metrics:
+        return (
+            f"{metrics['clips']} clips ({metrics['background_clips']} without a label), "
+            f"lwlrap {metrics['lwlrap']:.4f}, mAP {metrics['mean_ap']:.4f}, "
+            f"macro F1 {metrics['macro_f1']:.4f} (at the per-class thresholds)"
+        )
+    return (
+        f"{metrics['clips']} clips, accuracy {metrics['accuracy']:.4f}, "
+        f"error rate {metrics['error_rate']:.4f}, MAP@3 {metrics['map3']:.4f}"
+    )
+
+
+def summary(metrics: dict) -> dict:
+    """The headline scores of :func:`score`'s result (:data:`SUMMARY`, or
+    :data:`MULTI_LABEL_SUMMARY` for a multi-label model's)."""
+    keys = MULTI_LABEL_SUMMARY if "lwlrap" in metrics else SUMMARY
+    return {k: metrics[k] for k in keys}
 
 
 def map_at_k(probabilities: np.ndarray, targets: np.ndarray, k: int = 3) -> float:
@@ -30,11 +61,18 @@ def map_at_k(probabilities: np.ndarray, targets: np.ndarray, k: int = 3) -> floa
 
 
 def score(
-    probabilities: np.ndarray, targets: Sequence[int] | np.ndarray, labels: Sequence[str]
+    probabilities: np.ndarray,
+    targets: Sequence[int] | np.ndarray,
+    labels: Sequence[str],
+    thresholds: Sequence[float] | np.ndarray | None = None,
 ) -> dict:
     """Accuracy, error rate, MAP@3, per-class precision/recall/F1, confusion matrix
-    (rows true, columns predicted) and the most-confused pairs."""
+    (rows true, columns predicted) and the most-confused pairs; for multi-label
+    targets (a 0/1 matrix, clips x labels) :func:`multi_label_score`'s scores at
+    ``thresholds``."""
     targets = np.asarray(targets)
+    if targets.ndim == 2:
+        return multi_label_score(probabilities, targets, labels, thresholds)
     predicted = probabilities.argmax(axis=1)
     classes = np.arange(len(labels))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -59,6 +97,122 @@ def score(
         "confusion": confusion,
         "most_confused": most_confused(confusion, labels),
     }
+
+
+def lwlrap(truth: np.ndarray, scores: np.ndarray) -> float:
+    """Label-weighted label-ranking average precision (FSDKaggle2019's metric).
+
+    For each (clip, true label) pair: the share of true labels among the labels the
+    clip scores at least as high as this one (its precision at the label's rank); the
+    mean over all pairs, so each class weighs by how many true labels it has. Clips
+    without a true label add nothing. Ties count against the label, as
+    scikit-learn's ``label_ranking_average_precision_score`` counts them.
+
+    Written in numpy because no well-kept library has it: scikit-learn's
+    ``label_ranking_average_precision_score`` is the unweighted LRAP (the mean over
+    clips of each clip's mean precision, so a clip with one label weighs as much as
+    one with five; the two agree when every clip has exactly one label), and the
+    metric's reference is a notebook of the competition (Dan Ellis's Colab).
+
+    Parameters
+    ----------
+    truth : array ``(clips, labels)``
+        1 (or True) where the label is present.
+    scores : array ``(clips, labels)``
+        Higher: the label more likely.
+    """
+    truth = np.asarray(truth) > 0
+    scores = np.asarray(scores, np.float64)
+    if truth.shape != scores.shape or truth.ndim != 2:
+        raise ValueError(f"truth {truth.shape} and scores {scores.shape} must be equal 2-D shapes")
+    precisions = []
+    for clip_truth, clip_scores in zip(truth, scores, strict=True):
+        positives = clip_scores[clip_truth]
+        if not len(positives):
+            continue
+        # For each true label: labels scored at least as high (its rank), and true ones.
+        at_least = clip_scores[None, :] >= positives[:, None]
+        precisions.append(at_least[:, clip_truth].sum(1) / at_least.sum(1))
+    return float(np.concatenate(precisions).mean()) if precisions else float("nan")
+
+
+def average_precisions(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each label's average precision over the clips (scikit-learn's
+    ``average_precision_score``); NaN for a label no clip has (undefined)."""
+    truth = np.asarray(truth) > 0
+    return np.array(
+        [
+            average_precision_score(truth[:, c], scores[:, c]) if truth[:, c].any() else np.nan
+            for c in range(truth.shape[1])
+        ]
+    )
+
+
+def tune_thresholds(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """One threshold per label: where the label's F1 on these clips is highest (over
+    scikit-learn's ``precision_recall_curve``; a clip is positive at or above it),
+    halfway between the lowest score it calls positive and the next lower score, so
+    that scores a hair apart (another runtime, folded batch norms) are called alike.
+    A label without a positive clip keeps :data:`DEFAULT_THRESHOLD`."""
+    truth = np.asarray(truth) > 0
+    chosen = np.full(truth.shape[1], DEFAULT_THRESHOLD)
+    for c in range(truth.shape[1]):
+        if not truth[:, c].any():
+            continue
+        precision, recall, cuts = precision_recall_curve(truth[:, c], scores[:, c])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+        best = int(np.argmax(f1[:-1]))  # the last point has no threshold
+        below = cuts[best - 1] if best > 0 else 0.0  # cuts: the distinct scores, rising
+        chosen[c] = (cuts[best] + below) / 2
+    # A threshold of 0 would call every label present; sigmoid scores are above it.
+    return np.clip(chosen, 1e-6, 1.0)
+
+
+def multi_label_score(
+    probabilities: np.ndarray,
+    truth: np.ndarray,
+    labels: Sequence[str],
+    thresholds: Sequence[float] | np.ndarray | None = None,
+) -> dict:
+    """Scores of a multi-label model: lwlrap (:func:`lwlrap`), macro mean average
+    precision over the labels the clips have (:func:`average_precisions`), and each
+    label's precision, recall and F1 with a label present at or above its threshold
+    (default :data:`DEFAULT_THRESHOLD`), their mean over all labels (``macro_f1``)."""
+    truth = np.asarray(truth) > 0
+    probabilities = np.asarray(probabilities, np.float64)
+    if thresholds is None:
+        thresholds = np.full(len(labels), DEFAULT_THRESHOLD)
+    thresholds = np.asarray(thresholds, np.float64)
+    predicted = probabilities >= thresholds
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, average=None, zero_division=0
+    )
+    ap = average_precisions(truth, probabilities)
+    return {
+        "clips": int(len(truth)),
+        "background_clips": int((~truth.any(axis=1)).sum()),
+        "lwlrap": lwlrap(truth, probabilities),
+        "mean_ap": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+        "macro_f1": float(np.mean(f1)),
+        "per_class": pd.DataFrame(
+            {
+                "label": list(labels),
+                "ap": ap,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "threshold": thresholds,
+                "support": support,
+            }
+        ),
+    }
+
+
+def joined_labels(labels: Sequence[str], present: np.ndarray) -> list[str]:
+    """Each row of a 0/1 matrix ``present`` (clips x labels) as its labels joined by
+    :data:`~soundsight.layouts.LABEL_JOIN` ("dog;rain"; "" for none)."""
+    return [LABEL_JOIN.join(labels[int(i)] for i in np.flatnonzero(row)) for row in present]
 
 
 def most_confused(confusion: np.ndarray, labels: Sequence[str], min_count: int = 1) -> pd.DataFrame:
@@ -100,30 +254,45 @@ def write_metrics(
     probabilities: np.ndarray,
     targets: Sequence[int] | np.ndarray,
 ) -> None:
-    """Write :func:`score`'s results to the folder ``out``: ``metrics.json`` (the
-    :data:`SUMMARY`), ``per_class.csv``, ``confusion.csv`` (true labels in rows),
+    """Write :func:`score`'s results to the folder ``out``: ``metrics.json``
+    (:func:`summary`), ``per_class.csv``, ``confusion.csv`` (true labels in rows),
     ``most_confused.csv`` and the per-clip ``valid_predictions.csv`` (``path``,
-    ``label``, one probability column per label). CSVs go through
+    ``label``, one probability column per label). A multi-label model's scores have
+    no confusion matrix, and its ``valid_predictions.csv`` has ``labels`` (each
+    clip's, joined: "dog;rain") in place of ``label``. CSVs go through
     :func:`soundsight.tables.write_csv`: read them back with
     :func:`soundsight.tables.read_csv` and labels stay the strings they were."""
     out = Path(out)
     labels = list(labels)
-    write_json(out / "metrics.json", {k: metrics[k] for k in SUMMARY})
+    write_json(out / "metrics.json", summary(metrics))
     write_csv(metrics["per_class"], out / "per_class.csv")
-    confusion = pd.DataFrame(metrics["confusion"], index=labels, columns=labels)
-    write_csv(confusion, out / "confusion.csv", index=True)
-    write_csv(metrics["most_confused"], out / "most_confused.csv")
+    targets = np.asarray(targets)
     frame = pd.DataFrame(probabilities, columns=labels)
-    frame.insert(0, "label", [labels[t] for t in targets])
+    if targets.ndim == 2:
+        frame.insert(0, "labels", joined_labels(labels, targets))
+    else:
+        confusion = pd.DataFrame(metrics["confusion"], index=labels, columns=labels)
+        write_csv(confusion, out / "confusion.csv", index=True)
+        write_csv(metrics["most_confused"], out / "most_confused.csv")
+        frame.insert(0, "label", [labels[t] for t in targets])
     frame.insert(0, "path", list(paths))
     write_csv(frame, out / "valid_predictions.csv")
+
+
+def strata(table: pd.DataFrame) -> pd.Series:
+    """What folds are stratified by: each clip's label; for a multi-label table, each
+    clip's first label ("" for a background clip), since nearly every combination of
+    labels would be a class of its own."""
+    if is_multi_label(table):
+        return pd.Series([labels[0] if labels else "" for labels in clip_labels(table)])
+    return table["label"].astype(str).reset_index(drop=True)
 
 
 def _check_splittable(table: pd.DataFrame, n_folds: int, grouped: bool) -> None:
     """A clear error where sklearn's splitters would refuse ``n_folds`` folds."""
     if len(table) < n_folds:
         raise DatasetError(f"{len(table)} clips cannot be split into {n_folds} folds")
-    counts = table["label"].astype(str).value_counts()
+    counts = strata(table).value_counts()
     if counts.iloc[0] < n_folds:
         raise DatasetError(
             f"every label has fewer clips than the {n_folds} folds (the largest, "
@@ -147,7 +316,7 @@ def make_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> list[np.
     Labels with fewer clips than folds cannot appear in every fold: a warning says
     which, and they land in the training side of the folds that lack them.
     """
-    labels = table["label"].astype(str).to_numpy()
+    labels = strata(table).to_numpy()
     if table["fold"].notna().all() and table["fold"].nunique() == n_folds:
         return [
             np.flatnonzero(table["fold"].to_numpy() == f) for f in sorted(table["fold"].unique())
@@ -184,14 +353,14 @@ def holdout(
     groups), at least two: without groups, every label with two clips or more keeps one for
     training."""
     n_folds = max(2, round(1 / fraction))
-    largest = int(table["label"].astype(str).value_counts().max()) if len(table) else 0
+    largest = int(strata(table).value_counts().max()) if len(table) else 0
     n_folds = max(2, min(n_folds, largest))
     if table["group"].notna().all():
         n_folds = max(2, min(n_folds, table["group"].nunique()))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fewer clips than the")
         valid = make_folds(table.assign(fold=pd.NA), n_folds, seed)[0]
-    rare = table["label"].astype(str).value_counts()
+    rare = strata(table).value_counts()
     singles = list(rare[rare < 2].index)
     if singles:
         warnings.warn(
@@ -199,7 +368,7 @@ def holdout(
             "they are kept for training and cannot be validated",
             stacklevel=2,
         )
-        valid = valid[~table["label"].astype(str).iloc[valid].isin(singles).to_numpy()]
+        valid = valid[~strata(table).iloc[valid].isin(singles).to_numpy()]
     mask = np.zeros(len(table), bool)
     mask[valid] = True
     return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)

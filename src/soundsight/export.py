@@ -369,6 +369,11 @@ def validation_clips(model: str | os.PathLike) -> tuple[list[str], list[str]]:
             f"{folder}: no validation clips stored with the run (valid_predictions.csv) to "
             "check int8 accuracy on; pass --force to quantise without the check"
         )
+    if "labels" in table:
+        raise ExportError(
+            f"{folder}: a multi-label model's run; the int8 check is top-1 accuracy, which "
+            "it has not: pass --force to quantise without the check"
+        )
     return table["path"].astype(str).tolist(), table["label"].astype(str).tolist()
 
 

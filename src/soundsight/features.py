@@ -310,6 +310,22 @@ def _decibels(power: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(power.clamp_min(AMIN))
 
 
+def add_log_mels(first: torch.Tensor, second: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
+    """The features of two sounds played together, from their features (equal shapes,
+    the last two axes bands and frames): their mel powers summed, each clip at the
+    level its features hold it (the loudest bin of each at 0 dB), then referred to the
+    mixture's loudest bin and clipped as :class:`LogMel` does. On the aisfx scale,
+    ``log10(1 + AISFX_GAIN * S) / AISFX_RANGE - 1``, each side's power is recovered
+    from its value, summed, and scaled back (each clip was peak-normalised before)."""
+    if config.front_end == "aisfx":
+        power = [torch.pow(10.0, (x.float() + 1.0) * AISFX_RANGE) - 1.0 for x in (first, second)]
+        return torch.log10(1.0 + power[0] + power[1]) / AISFX_RANGE - 1.0
+    to_natural = np.log(10.0) / 10.0  # dB to natural-log power, and back
+    db = torch.logaddexp(first.float() * to_natural, second.float() * to_natural) / to_natural
+    db = db - db.amax(dim=(-2, -1), keepdim=True)
+    return db if config.top_db is None else db.clamp_min(config.floor_db)
+
+
 def log_mel(waveform: np.ndarray, config: FeatureConfig) -> np.ndarray:
     """Log-mel spectrogram of one mono clip, ``(n_mels, frames)`` float32, in dB."""
     with torch.inference_mode():

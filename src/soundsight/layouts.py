@@ -8,8 +8,17 @@ label      class name (str), or missing for unlabelled clips
 fold       the dataset's own fold number (Int64), where it has folds
 group      clips that must stay on one side of a split (str), e.g. the
            ESC-50 source recording or the FSDD speaker
-verified   FSDKaggle2018 ``manually_verified`` flag (boolean)
+verified   FSDKaggle2018 ``manually_verified`` flag (boolean); False for
+           FSDKaggle2019's noisy training clips
+labels     multi-label layouts only: the clip's labels, a tuple of str
+           (empty: a background clip, none of the classes); ``label``
+           then holds them joined by :data:`LABEL_JOIN` (``""`` for none)
 =========  =============================================================
+
+Multi-label layouts (FSDKaggle2019, FSD50K, ``csv`` with ``label_separator``) mark
+their table with ``table.attrs["multi_label"] = True`` and count the clips without a
+label in ``table.attrs["background_clips"]``. Every label is checked
+(:func:`check_label`), and a bad row is named by its line in the CSV.
 
 Layouts are looked up by name in :data:`LAYOUTS`; :func:`detect_layout` picks one
 from the files present. Labels are strings as written (``NA``, ``null``, ``0``, ``01``
@@ -33,12 +42,16 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any, cast
 
+import numpy as np
 import pandas as pd
 
 from .audio import AUDIO_EXTENSIONS
 from .errors import SoundsightError
 
 COLUMNS = ("path", "label", "fold", "group", "verified")
+#: Joins a multi-label clip's labels into its ``label`` cell, and its predictions'
+#: labels in ``predict``'s CSV ("dog;rain"); no label may contain it.
+LABEL_JOIN = ";"
 
 
 class DatasetError(SoundsightError, ValueError):
@@ -46,12 +59,16 @@ class DatasetError(SoundsightError, ValueError):
 
 
 def _table(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
-    """Normalise a layout's rows: all columns, typed, absolute paths, no duplicates."""
+    """Normalise a layout's rows: all columns, typed, absolute paths, no duplicates.
+    A ``labels`` column (tuples of str) makes it a multi-label table."""
     frame = frame.copy()
+    multi = "labels" in frame
+    if multi:
+        frame["label"] = [LABEL_JOIN.join(labels) for labels in frame["labels"]]
     for column in COLUMNS:
         if column not in frame:
             frame[column] = pd.NA
-    frame = frame[list(COLUMNS)]
+    frame = frame[list(COLUMNS) + (["labels"] if multi else [])]
     frame["path"] = [str((root / p).resolve()) for p in frame["path"]]
     frame["label"] = frame["label"].astype("string").str.strip()
     frame["fold"] = frame["fold"].astype("Int64")
@@ -69,7 +86,88 @@ def _table(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
             stacklevel=3,
         )
         frame = frame[~duplicated]
-    return frame.reset_index(drop=True)
+    frame = frame.reset_index(drop=True)
+    if multi:
+        frame.attrs["multi_label"] = True
+        frame.attrs["background_clips"] = int(sum(not labels for labels in frame["labels"]))
+    return frame
+
+
+#: Characters no label may hold: path separators (a label names a folder in
+#: ``export-images`` and the report, never a path) and :data:`LABEL_JOIN`.
+_NOT_IN_LABELS = ("/", "\\", LABEL_JOIN)
+
+
+def check_label(label: str) -> str | None:
+    """What is wrong with ``label`` as a class name, or None: empty, a path (``/``,
+    ``\\``, ``.`` or ``..``), the list separator :data:`LABEL_JOIN`, or a control
+    character."""
+    if not label:
+        return "an empty label"
+    if label in (".", "..") or any(c in label for c in _NOT_IN_LABELS):
+        return f"label {label!r} holds a path separator, {LABEL_JOIN!r} or is . / .."
+    if any(ord(c) < 32 for c in label):
+        return f"label {label!r} holds a control character"
+    return None
+
+
+def split_labels(
+    cells: Iterable[str], separator: str, csv_path: Path, problems: list[str] | None = None
+) -> list[tuple[str, ...]]:
+    """Each cell's labels (split at ``separator``, stripped; an empty cell: no label,
+    a background clip), every label checked with :func:`check_label`.
+
+    Raises
+    ------
+    DatasetError
+        Naming ``csv_path`` and the line of each bad row (the first cell is on line 2:
+        line 1 is the header). With ``problems``, they are added to it instead.
+    """
+    if not separator:
+        raise DatasetError("the label separator cannot be empty")
+    found: list[str] = [] if problems is None else problems
+    rows: list[tuple[str, ...]] = []
+    for number, cell in enumerate(cells, start=2):
+        text = cell.strip() if isinstance(cell, str) else ""
+        labels = tuple(part.strip() for part in text.split(separator)) if text else ()
+        bad = next((p for p in map(check_label, labels) if p), None)
+        if bad is None and len(set(labels)) != len(labels):
+            bad = "a label named twice"
+        if bad:
+            found.append(f"{csv_path}, line {number}: {bad} in {cell!r}")
+        rows.append(labels)
+    if problems is None:
+        _refuse(found)
+    return rows
+
+
+def _refuse(problems: list[str]) -> None:
+    """A :class:`DatasetError` listing the bad rows (the first 20), if any."""
+    if problems:
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise DatasetError("bad rows:\n  " + "\n  ".join(problems[:20]) + more)
+
+
+def is_multi_label(table: pd.DataFrame) -> bool:
+    """Whether ``table`` is a multi-label table (it has a ``labels`` column)."""
+    return "labels" in table
+
+
+def multi_hot(clips: list[tuple[str, ...]], index: dict[str, int]) -> np.ndarray:
+    """A ``(clips, labels)`` float32 0/1 matrix of each clip's labels (``index``: label
+    to column); a background clip is a row of zeros."""
+    matrix = np.zeros((len(clips), len(index)), np.float32)
+    for row, labels in enumerate(clips):
+        matrix[row, [index[label] for label in labels]] = 1.0
+    return matrix
+
+
+def clip_labels(table: pd.DataFrame) -> list[tuple[str, ...]]:
+    """Every clip's labels: the ``labels`` column of a multi-label table, else each
+    clip's one ``label`` (none where it is missing)."""
+    if is_multi_label(table):
+        return [tuple(labels) for labels in table["labels"]]
+    return [() if pd.isna(label) else (str(label),) for label in table["label"]]
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
@@ -228,6 +326,88 @@ def fsdkaggle2018(root: Path, split: str = "train") -> pd.DataFrame:
     return _table(pd.DataFrame({"path": "audio_test/" + frame["fname"]}), root)
 
 
+def _multi_label_rows(
+    frame: pd.DataFrame,
+    csv_path: Path,
+    folder: str,
+    separator: str = ",",
+    extension: str = "",
+    path_column: str = "fname",
+    label_column: str = "labels",
+) -> pd.DataFrame:
+    """``path`` (``folder/<file><extension>``) and ``labels`` of a multi-label CSV's
+    rows; a row without a file name, or with a bad label, is named by its line."""
+    names = frame[path_column].str.strip()
+    problems = [f"{csv_path}, line {i + 2}: no file name" for i in np.flatnonzero(names == "")]
+    labels = split_labels(frame[label_column], separator, csv_path, problems)
+    _refuse(sorted(problems, key=lambda p: int(p.split(", line ")[1].split(":")[0])))
+    return pd.DataFrame({"path": folder + "/" + names + extension, "labels": labels})
+
+
+def _first_file(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_file()), None)
+
+
+#: FSDKaggle2019's CSVs and audio folders: Kaggle's names, then Zenodo's.
+FSDKAGGLE2019_TRAIN = (
+    (("train_curated.csv", "train_curated_post_competition.csv"), "train_curated", True),
+    (("train_noisy.csv", "train_noisy_post_competition.csv"), "train_noisy", False),
+)
+FSDKAGGLE2019_TEST = ("test_post_competition.csv", "test.csv")
+
+
+def fsdkaggle2019(root: Path, split: str = "train") -> pd.DataFrame:
+    """FSDKaggle2019 (multi-label): ``train_curated.csv`` (``fname,labels``, labels
+    comma-separated) + ``train_curated/``, and ``train_noisy.csv`` + ``train_noisy/``
+    where present (``verified`` False: they weigh ``unverified_weight``); the test side
+    ``test/`` with ``test_post_competition.csv`` (labelled) or ``sample_submission.csv``
+    (unlabelled). The Zenodo release's ``*_post_competition.csv`` names work too."""
+    if split == "train":
+        parts = []
+        for names, folder_, verified in FSDKAGGLE2019_TRAIN:
+            csv_path = _first_file(root, names)
+            if csv_path is None:
+                if verified:
+                    raise DatasetError(f"{root}: no {' or '.join(names)}")
+                continue
+            rows = _multi_label_rows(_read_csv(csv_path, ("fname", "labels")), csv_path, folder_)
+            parts.append(rows.assign(verified=verified))
+        return _table(pd.concat(parts, ignore_index=True), root)
+    if split != "test":
+        raise DatasetError(f"{root}: split must be 'train' or 'test', not {split!r}")
+    csv_path = _first_file(root, FSDKAGGLE2019_TEST)
+    if csv_path is not None:
+        frame = _read_csv(csv_path, ("fname", "labels"))
+        return _table(_multi_label_rows(frame, csv_path, "test"), root)
+    frame = _read_csv(root / "sample_submission.csv", ("fname",))
+    return _table(pd.DataFrame({"path": "test/" + frame["fname"]}), root)
+
+
+#: FSD50K's ground truth folder, and its dev CSV's split names by our split names.
+FSD50K_TRUTH = "FSD50K.ground_truth"
+FSD50K_SPLITS = {"train": "train", "valid": "val"}
+
+
+def fsd50k(root: Path, split: str = "train") -> pd.DataFrame:
+    """FSD50K (multi-label): ``FSD50K.ground_truth/dev.csv`` (``fname,labels,mids,
+    split``; ``split`` train or val) with ``FSD50K.dev_audio/<fname>.wav``, and
+    ``eval.csv`` with ``FSD50K.eval_audio/`` as the test side. Splits: ``train``,
+    ``valid`` (dev's val rows, what ``train`` validates on) and ``test``."""
+    truth = root / FSD50K_TRUTH
+    if split == "test":
+        csv_path = truth / "eval.csv"
+        frame = _read_csv(csv_path, ("fname", "labels"))
+        return _table(
+            _multi_label_rows(frame, csv_path, "FSD50K.eval_audio", extension=".wav"), root
+        )
+    if split not in FSD50K_SPLITS:
+        raise DatasetError(f"{root}: split must be 'train', 'valid' or 'test', not {split!r}")
+    csv_path = truth / "dev.csv"
+    frame = _read_csv(csv_path, ("fname", "labels", "split"))
+    rows = _multi_label_rows(frame, csv_path, "FSD50K.dev_audio", extension=".wav")
+    return _table(rows[(frame["split"].str.strip() == FSD50K_SPLITS[split]).to_numpy()], root)
+
+
 def esc50(root: Path, split: str = "train") -> pd.DataFrame:
     """ESC-50: ``meta/esc50.csv`` + ``audio/``; ``fold`` kept, ``src_file`` as group."""
     del split  # ESC-50 has folds, not a test side: use the folds for evaluation.
@@ -326,9 +506,12 @@ def csv_layout(
     csv: str | None = None,
     path_column: str = "path",
     label_column: str | None = "label",
+    label_separator: str | None = None,
 ) -> pd.DataFrame:
     """Any CSV with a file column and an optional label column; file paths are
-    relative to ``root`` (or absolute). Optional ``fold``/``group`` columns are kept."""
+    relative to ``root`` (or absolute). Optional ``fold``/``group`` columns are kept.
+    With ``label_separator``, each label cell lists a clip's labels (multi-label; an
+    empty cell is a background clip)."""
     del split
     if not csv:
         raise DatasetError("the csv layout needs --csv FILE (and --path-column/--label-column)")
@@ -337,7 +520,11 @@ def csv_layout(
     if label_column and label_column not in frame:
         raise DatasetError(f"{csv_path}: no label column {label_column!r}")
     table = pd.DataFrame({"path": frame[path_column]})
-    if label_column:
+    if label_separator is not None:
+        if not label_column:
+            raise DatasetError("--label-separator needs a label column (--label-column)")
+        table["labels"] = split_labels(frame[label_column], label_separator, csv_path)
+    elif label_column:
         table["label"] = frame[label_column]
     for column in ("fold", "group"):
         if column in frame:
@@ -348,6 +535,8 @@ def csv_layout(
 #: Layout name -> reader(root, split, **options).
 LAYOUTS: dict[str, Callable[..., pd.DataFrame]] = {
     "fsdkaggle2018": fsdkaggle2018,
+    "fsdkaggle2019": fsdkaggle2019,
+    "fsd50k": fsd50k,
     "esc50": esc50,
     "fsdd": fsdd,
     "folder": folder,
@@ -356,7 +545,10 @@ LAYOUTS: dict[str, Callable[..., pd.DataFrame]] = {
 }
 
 #: Layouts with a separate test side (``split="test"``); others hold one pool of clips.
-TEST_SIDES = ("fsdkaggle2018", "fsdd")
+TEST_SIDES = ("fsdkaggle2018", "fsdkaggle2019", "fsd50k", "fsdd")
+#: The split ``train`` validates on, for layouts with a held-out side: the test side,
+#: except FSD50K's, whose dev set names its own validation clips.
+VALIDATION_SIDES = {name: "test" for name in TEST_SIDES} | {"fsd50k": "valid"}
 
 _FSDD_NAME = re.compile(r"^\d+_[^_]+_\d+\.wav$")
 
@@ -368,6 +560,10 @@ def detect_layout(root: str | Path) -> str:
         raise DatasetError(f"{root}: not a folder")
     if (root / "train.csv").is_file() and (root / "audio_train").is_dir():
         return "fsdkaggle2018"
+    if _first_file(root, FSDKAGGLE2019_TRAIN[0][0]) and (root / "train_curated").is_dir():
+        return "fsdkaggle2019"
+    if (root / FSD50K_TRUTH / "dev.csv").is_file() and (root / "FSD50K.dev_audio").is_dir():
+        return "fsd50k"
     if (root / "meta" / "esc50.csv").is_file() and (root / "audio").is_dir():
         return "esc50"
     recordings = root / "recordings" if (root / "recordings").is_dir() else root
@@ -381,6 +577,8 @@ def detect_layout(root: str | Path) -> str:
         raise DatasetError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
     raise DatasetError(
         f"{root}: unknown layout. Looked for train.csv + audio_train/ (fsdkaggle2018), "
+        "train_curated.csv + train_curated/ (fsdkaggle2019), FSD50K.ground_truth/dev.csv + "
+        "FSD50K.dev_audio/ (fsd50k), "
         "meta/esc50.csv + audio/ (esc50), recordings/{digit}_{speaker}_{n}.wav (fsdd), "
         "<label>/ sub-folders of audio (folder). Name one with --layout, e.g. "
         "--layout regex --label-regex '^(\\w+)-' or --layout csv --csv labels.csv"
@@ -402,7 +600,7 @@ def load_dataset(
         ``"train"`` or ``"test"`` for layouts with a test side (FSDKaggle2018, FSDD).
     **options
         Layout options: ``label_regex``/``group_regex`` (regex), ``csv``,
-        ``path_column``, ``label_column`` (csv).
+        ``path_column``, ``label_column``, ``label_separator`` (csv: multi-label).
     """
     root = Path(root).resolve()
     if not root.is_dir():

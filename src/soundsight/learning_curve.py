@@ -78,7 +78,15 @@ class LearningCurve:
 
 
 def check_enough(clips: pd.DataFrame) -> None:
-    """:class:`DatasetError` naming every class with fewer than 2 clips."""
+    """:class:`DatasetError` naming every class with fewer than 2 clips (or saying that
+    a multi-label table is not for it: accuracy needs one label per clip)."""
+    from .layouts import is_multi_label
+
+    if is_multi_label(clips):
+        raise DatasetError(
+            "the learning curve measures accuracy, one label per clip; these clips have "
+            "several labels each (a multi-label layout or --label-separator)"
+        )
     counts = clips["label"].astype(str).value_counts()
     few = counts[counts < 2]
     if len(few):

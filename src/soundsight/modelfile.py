@@ -74,6 +74,13 @@ class ModelSpec:
     rejection : dict
         :meth:`soundsight.calibration.Rejection.to_dict`: the score and threshold below
         which a clip is ``unknown``; ``{}``: every clip gets a known label.
+    multi_label : bool
+        Several labels per clip: the head's outputs are independent sigmoids, and a
+        label is present at or above its threshold. False in files from before it
+        existed (single-label: one softmax).
+    thresholds : tuple of float
+        A multi-label model's per-label thresholds (tuned for F1 on the validation
+        side), one per label; empty for a single-label model.
     """
 
     labels: tuple[str, ...]
@@ -85,6 +92,8 @@ class ModelSpec:
     temperature: float = 1.0
     calibration: dict[str, Any] = field(default_factory=dict)
     rejection: dict[str, Any] = field(default_factory=dict)
+    multi_label: bool = False
+    thresholds: tuple[float, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(
@@ -99,6 +108,8 @@ class ModelSpec:
                 "temperature": self.temperature,
                 "calibration": self.calibration,
                 "rejection": self.rejection,
+                "multi_label": self.multi_label,
+                "thresholds": list(self.thresholds),
             }
         )
 
@@ -150,7 +161,34 @@ class ModelSpec:
             metrics=dict(metrics),
             notice=record.get("notice", ""),
             **_scores_meaning(record, source),
+            **_multi_label(record, len(labels), source),
         )
+
+
+def _multi_label(record: dict, labels: int, source: str | os.PathLike) -> dict[str, Any]:
+    """``multi_label`` and ``thresholds``, checked: one threshold in (0, 1] per label
+    for a multi-label model (which has no temperature or 'unknown' rule), none for a
+    single-label one; files from before them are single-label."""
+    multi = record.get("multi_label", False)
+    thresholds = record.get("thresholds", [])
+    if not isinstance(multi, bool):
+        raise ModelFileError(f"{source}: field 'multi_label' must be true or false")
+    if not isinstance(thresholds, list) or not all(
+        isinstance(t, int | float) and not isinstance(t, bool) and 0 < t <= 1 for t in thresholds
+    ):
+        raise ModelFileError(f"{source}: field 'thresholds' must be a list of numbers in (0, 1]")
+    if len(thresholds) != (labels if multi else 0):
+        raise ModelFileError(
+            f"{source}: field 'thresholds' has {len(thresholds)} values; a "
+            + (f"multi-label model needs one per label ({labels})" if multi else "")
+            + ("" if multi else "single-label model has none")
+        )
+    if multi and (record.get("temperature", 1.0) != 1.0 or record.get("rejection", {})):
+        raise ModelFileError(
+            f"{source}: a multi-label model has no temperature or 'unknown' rule "
+            "(fields 'temperature' and 'rejection')"
+        )
+    return {"multi_label": multi, "thresholds": tuple(float(t) for t in thresholds)}
 
 
 def _scores_meaning(record: dict, source: str | os.PathLike) -> dict[str, Any]:

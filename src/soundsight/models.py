@@ -335,10 +335,18 @@ class SoundNet(torch.nn.Module):
     """Log-mel batch ``(batch, 1, n_mels, frames)`` in dB -> class logits."""
 
     def __init__(
-        self, config: ModelConfig, num_classes: int, floor_db: float, pretrained: bool = True
+        self,
+        config: ModelConfig,
+        num_classes: int,
+        floor_db: float,
+        pretrained: bool = True,
+        multi_label: bool = False,
     ):
         super().__init__()
         self.config = config
+        #: Each label's own sigmoid instead of one softmax over them (see
+        #: :func:`tempered_probabilities`): a multi-label model.
+        self.multi_label = multi_label
         self.backbone = create_backbone(
             config.backbone, num_classes, config.weights if pretrained else "none"
         )
@@ -436,10 +444,12 @@ def window_scores(
     net: SoundNet, windows: torch.Tensor, embed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One forward pass over log-mel windows ``(n, 1, n_mels, frames)``: each window's
-    class probabilities (softmax at the net's temperature), and with ``embed`` its
-    penultimate embedding (the pooled features the head reads), from the same pass."""
+    class probabilities (softmax at the net's temperature; a multi-label net's
+    sigmoids), and with ``embed`` its penultimate embedding (the pooled features the
+    head reads), from the same pass."""
     logits, pooled = window_logits(net, windows)
-    return tempered_probabilities(logits, net.temperature), pooled if embed else None
+    probabilities = tempered_probabilities(logits, net.temperature, net.multi_label)
+    return probabilities, pooled if embed else None
 
 
 def window_logits(net: SoundNet, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,11 +460,15 @@ def window_logits(net: SoundNet, windows: torch.Tensor) -> tuple[torch.Tensor, t
     return net.backbone.get_classifier()(pooled), pooled
 
 
-def tempered_probabilities(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+def tempered_probabilities(
+    logits: torch.Tensor, temperature: float | torch.Tensor, multi_label: bool = False
+) -> torch.Tensor:
     """The one map from logits to probabilities: ``softmax(logits / temperature)``
     (temperature scaling, Guo et al. 2017; fitted by
-    :func:`soundsight.calibration.fit_temperature`)."""
-    return (logits / temperature).softmax(-1)
+    :func:`soundsight.calibration.fit_temperature`); for a multi-label model each
+    label's own ``sigmoid(logit)`` (its temperature is always 1)."""
+    scaled = logits / temperature
+    return scaled.sigmoid() if multi_label else scaled.softmax(-1)
 
 
 def clip_probabilities(net: SoundNet, windows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -184,19 +184,60 @@ def confusion_from_predictions(predictions: pd.DataFrame, labels: Sequence[str])
     return confusion_matrix(true, predicted, labels=labels)
 
 
-def top_losses(predictions: pd.DataFrame, labels: Sequence[str], n: int = 12) -> pd.DataFrame:
+def multi_label_truth(predictions: pd.DataFrame, labels: Sequence[str]) -> np.ndarray:
+    """The 0/1 matrix (clips x labels) of a multi-label ``valid_predictions.csv``'s
+    ``labels`` column ("dog;rain"; empty: no label)."""
+    from .layouts import LABEL_JOIN, multi_hot
+
+    index = {label: i for i, label in enumerate(labels)}
+    cells = predictions["labels"].fillna("").astype(str)
+    return multi_hot([tuple(filter(None, c.split(LABEL_JOIN))) for c in cells], index)
+
+
+def top_losses(
+    predictions: pd.DataFrame,
+    labels: Sequence[str],
+    n: int = 12,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+) -> pd.DataFrame:
     """The ``n`` validation clips with the largest loss, largest first.
 
     ``predictions`` is ``valid_predictions.csv`` (``path``, ``label``, one probability
     column per label). Returns ``path``, ``label``, ``predicted``, ``p_predicted``,
     ``p_true`` and ``loss`` = -ln p(true label) (probabilities floored at 1e-8, as the
     validation loss in training).
+
+    A multi-label model's predictions (``labels`` in place of ``label``): ``label``
+    and ``predicted`` are label lists joined by ``;`` (in label order; predicted: at
+    or above each label's ``thresholds``, default 0.5), ``p_predicted`` the top
+    probability, ``p_true`` the lowest of the true labels' (NaN for a clip without
+    labels), and ``loss`` the binary cross-entropy averaged over the labels (as the
+    validation loss in training).
     """
+    from .evaluation import DEFAULT_THRESHOLD, joined_labels
+
     labels = list(labels)
     probabilities = predictions[labels].to_numpy(dtype=float)
+    rows = np.arange(len(predictions))
+    if "labels" in predictions:
+        truth = multi_label_truth(predictions, labels) > 0
+        cuts = np.asarray(DEFAULT_THRESHOLD if thresholds is None else thresholds, float)
+        clipped = np.clip(probabilities, MIN_PROBABILITY, 1 - MIN_PROBABILITY)
+        bce = -np.where(truth, np.log(clipped), np.log(1 - clipped)).mean(axis=1)
+        frame = pd.DataFrame(
+            {
+                "path": predictions["path"].to_numpy(),
+                "label": joined_labels(labels, truth),
+                "predicted": joined_labels(labels, probabilities >= cuts),
+                "p_predicted": probabilities.max(axis=1) if len(rows) else [],
+                "p_true": np.where(truth, probabilities, np.inf).min(axis=1, initial=np.inf),
+                "loss": bce,
+            }
+        ).replace({"p_true": {np.inf: np.nan}})
+        frame = frame.sort_values("loss", ascending=False, kind="stable").head(n)
+        return frame.reset_index(drop=True)
     index = {label: i for i, label in enumerate(labels)}
     true = predictions["label"].astype(str).map(index).to_numpy()
-    rows = np.arange(len(predictions))
     p_true = probabilities[rows, true]
     predicted = probabilities.argmax(axis=1)
     frame = pd.DataFrame(
@@ -573,9 +614,11 @@ def plot_top_losses(
     spectrograms: Sequence[np.ndarray | None],
     features: FeatureConfig | None = None,
     cols: int = 4,
+    multi_label: bool = False,
 ) -> Figure:
     """The worst validation clips (frame of :func:`top_losses`) with their spectrograms,
-    true label, prediction with its probability, and loss."""
+    true label, prediction with its probability, and loss (``multi_label``: label
+    lists, the lowest true-label probability and the binary cross-entropy)."""
     n = len(losses)
     if n == 0:
         raise ConfigError("no clips to show")
@@ -589,19 +632,96 @@ def plot_top_losses(
         else:
             ax.text(0.5, 0.5, "audio unreadable", ha="center", va="center", transform=ax.transAxes)
         mark = "✓" if row.predicted == row.label else "✗"
-        ax.set_title(
-            f"{i + 1}. true: {row.label}\n"
-            f"{mark} predicted: {row.predicted} (p={row.p_predicted:.2f})\n"
-            f"p(true)={row.p_true:.3f}, loss={row.loss:.2f}",
-            fontsize=8,
-            loc="left",
-        )
+        if multi_label:
+            text = (
+                f"{i + 1}. true: {row.label or '(none)'}\n"
+                f"{mark} predicted: {row.predicted or '(none)'} (top p={row.p_predicted:.2f})\n"
+                f"lowest p(true)={row.p_true:.3f}, BCE={row.loss:.3f}"
+            )
+        else:
+            text = (
+                f"{i + 1}. true: {row.label}\n"
+                f"{mark} predicted: {row.predicted} (p={row.p_predicted:.2f})\n"
+                f"p(true)={row.p_true:.3f}, loss={row.loss:.2f}"
+            )
+        ax.set_title(text, fontsize=8, loc="left")
     _spectrogram_grid_labels(figure, axes, features, floor, features is not None)
     wrong = int((losses["predicted"] != losses["label"]).sum())
+    loss = "binary cross-entropy over the labels" if multi_label else "-ln p(true label)"
     figure.suptitle(
-        f"Top losses: the {n} validation clips with the largest loss (-ln p(true label)); "
-        f"{wrong} of them misclassified"
+        f"Top losses: the {n} validation clips with the largest loss ({loss}); "
+        f"{wrong} of them {'with wrong labels' if multi_label else 'misclassified'}"
     )
+    return figure
+
+
+def plot_average_precision(per_class: pd.DataFrame) -> Figure:
+    """A multi-label model's average precision per class (``per_class.csv``'s ``ap``)
+    as horizontal bars, best on top, the macro mean marked."""
+    frame = per_class.dropna(subset=["ap"]).sort_values(["ap", "label"], kind="stable")
+    n = len(frame)
+    figure = Figure(figsize=(8, 0.24 * max(n, 1) + 1.6), layout="constrained")
+    ax = figure.subplots()
+    y = np.arange(n)
+    names = [
+        f"{label} (n={int(s)})" for label, s in zip(frame["label"], frame["support"], strict=True)
+    ]
+    ax.barh(y, frame["ap"], color=OKABE_ITO[4], height=0.7)
+    if n:
+        mean = float(frame["ap"].mean())
+        ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mAP {mean:.3f}")
+        ax.legend(loc="lower right", fontsize=9)
+    font = float(np.clip(260 / max(n, 1), 7, 10))
+    ax.set_yticks(y, names, fontsize=font)
+    ax.set_xlim(0, 1.02)
+    ax.set(
+        title="Average precision per class (validation; n = clips with the label)",
+        xlabel="average precision (area under the precision-recall curve)",
+        ylabel="class",
+    )
+    ax.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def plot_pr_curves(
+    truth: np.ndarray,
+    scores: np.ndarray,
+    labels: Sequence[str],
+    thresholds: Sequence[float] | np.ndarray | None = None,
+    most: int = 12,
+) -> Figure:
+    """Precision-recall curves of a multi-label model (scikit-learn's
+    ``precision_recall_curve``), one per class with clips (the ``most`` most frequent
+    at most), each class's tuned threshold marked by a dot, plus the micro-average
+    over every (clip, label) pair."""
+    from sklearn.metrics import precision_recall_curve
+
+    truth = np.asarray(truth) > 0
+    counts = truth.sum(axis=0)
+    shown = [int(c) for c in np.argsort(-counts, kind="stable")[:most] if counts[c] > 0]
+    figure = Figure(figsize=(7, 5.6), layout="constrained")
+    ax = figure.subplots()
+    styles = label_styles([labels[c] for c in shown])
+    for i, c in enumerate(shown):
+        precision, recall, cuts = precision_recall_curve(truth[:, c], scores[:, c])
+        colour, marker = styles[labels[c]]
+        line = "-" if i < len(OKABE_ITO) else "--"
+        ax.plot(recall, precision, color=colour, linestyle=line, linewidth=1.2, label=labels[c])
+        if thresholds is not None and len(cuts):
+            at = min(int(np.searchsorted(cuts, thresholds[c])), len(cuts) - 1)
+            ax.plot(recall[at], precision[at], marker, color=colour, markersize=5)
+    if truth.any():
+        precision, recall, _ = precision_recall_curve(truth.ravel(), np.asarray(scores).ravel())
+        ax.plot(recall, precision, color="black", linewidth=2.2, label="micro-average")
+    ax.set(
+        xlim=(0, 1.01),
+        ylim=(0, 1.03),
+        xlabel="recall",
+        ylabel="precision",
+        title="Precision-recall per class (validation; dots: the tuned thresholds)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=7, ncol=2)
     return figure
 
 
@@ -696,14 +816,17 @@ def plot_tsne_thumbnails(
 
 
 def plot_cv_summary(folds: pd.DataFrame) -> Figure:
-    """Per-fold accuracy and MAP@3 (``cv.json`` folds), their means dashed."""
+    """Per-fold accuracy and MAP@3 (``cv.json`` folds; a multi-label model's lwlrap
+    and mAP), their means dashed."""
     figure = Figure(figsize=(8, 4), layout="constrained")
     ax = figure.subplots()
     x = np.arange(len(folds))
     width = 0.38
-    for offset, column, colour, name in (
-        (-width / 2, "accuracy", OKABE_ITO[0], "accuracy"),
-        (width / 2, "map3", OKABE_ITO[1], "MAP@3"),
+    scores = (("lwlrap", "lwlrap"), ("mean_ap", "mAP"))
+    if "lwlrap" not in folds:
+        scores = (("accuracy", "accuracy"), ("map3", "MAP@3"))
+    for offset, (column, name), colour in zip(
+        (-width / 2, width / 2), scores, OKABE_ITO[:2], strict=True
     ):
         values = 100 * folds[column].to_numpy(float)
         ax.bar(
@@ -712,7 +835,7 @@ def plot_cv_summary(folds: pd.DataFrame) -> Figure:
             width,
             color=colour,
             label=name,
-            hatch="" if column == "accuracy" else "//",
+            hatch="" if column == scores[0][0] else "//",
             edgecolor="white",
         )
         ax.axhline(values.mean(), color=colour, linestyle="--", linewidth=1)

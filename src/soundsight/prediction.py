@@ -20,13 +20,13 @@ from .audio import AudioError, clip_duration
 from .cache import DEFAULT_CACHE, prepare
 from .calibration import Rejection, known_clips
 from .data import ClipView
-from .evaluation import score
+from .evaluation import joined_labels, score
 from .features import Clip, Featuriser, flush_denormals
-from .layouts import DatasetError
+from .layouts import DatasetError, clip_labels, is_multi_label, multi_hot
 from .modelfile import ModelFileError, ModelSpec, check_fits, read_model_file
 from .models import SoundNet, fold_batch_norms, window_scores
+from .runtime import answer, top_labels
 from .runtime import submission as submission  # with the torch-free runtime: one CSV
-from .runtime import top_labels
 
 #: Window frames (columns) scored per forward pass on a CPU: windows per pass are this
 #: over the window's width. Small batches win (activations stay in cache), and what
@@ -126,9 +126,11 @@ class Classifier:
 
     def __init__(self, net: SoundNet, spec: ModelSpec):
         self.net = net.eval()
-        # The one place a model file's temperature reaches the network: every score
-        # below (predict, evaluate, serve, the report) goes through window_scores.
+        # The one place a model file's temperature (and its kind: one label per clip,
+        # softmax, or several, sigmoids) reaches the network: every score below
+        # (predict, evaluate, serve, detect, the report) goes through window_scores.
         self.net.temperature = spec.temperature
+        self.net.multi_label = spec.multi_label
         self.spec = spec
         #: When a clip is answered ``unknown`` (None: never; see soundsight.calibration).
         try:
@@ -146,7 +148,13 @@ class Classifier:
         runs); :class:`~soundsight.modelfile.ModelFileError` names the file and the
         problem."""
         tensors, spec = read_model_file(path)
-        net = SoundNet(spec.model, len(spec.labels), spec.features.floor_db, pretrained=False)
+        net = SoundNet(
+            spec.model,
+            len(spec.labels),
+            spec.features.floor_db,
+            pretrained=False,
+            multi_label=spec.multi_label,
+        )
         check_fits(path, net.backbone, tensors)
         net.backbone.load_state_dict(tensors)
         classifier = cls(net, spec)
@@ -230,9 +238,11 @@ class Classifier:
         return png.getvalue()
 
     def predict(self, clip: Clip, top_k: int = 3) -> list[tuple[str, float]]:
-        """The ``top_k`` (label, probability) pairs for one clip (path, bytes or waveform)."""
+        """The ``top_k`` (label, probability) pairs for one clip (path, bytes or
+        waveform); for a multi-label model, every label at or above its threshold
+        (:func:`~soundsight.runtime.present_labels`)."""
         probabilities, _ = next(score_windows(self.net, [self.windows(clip)]))
-        return self.top(probabilities, top_k)
+        return answer(self.spec, probabilities, top_k)
 
     def predict_files(
         self,
@@ -330,24 +340,43 @@ def evaluate(
     cache made with other parameters is refused, not mixed). Returns the metrics of
     :func:`soundsight.evaluation.score`, per-clip probabilities, and the clips that
     could not be decoded.
+
+    A multi-label model is scored on the clips' label lists (a single-label table: one
+    label each) at its tuned thresholds (:func:`soundsight.evaluation.multi_label_score`);
+    its frame has ``labels`` ("dog;rain") in place of ``label``. A single-label model
+    given a multi-label table is refused.
     """
     classifier = model if isinstance(model, Classifier) else Classifier.load(model)
-    known = clips["label"].isin(classifier.labels)
-    if not known.all():
-        missing = sorted(clips.loc[~known, "label"].dropna().unique())
-        raise DatasetError(f"labels unknown to the model: {', '.join(map(str, missing[:5]))}")
+    multi = classifier.spec.multi_label
+    if is_multi_label(clips) and not multi:
+        raise DatasetError(
+            "these clips have several labels each (a multi-label layout or "
+            "--label-separator), but the model is single-label: train a multi-label "
+            "model on them (soundsight train, which detects the layout), or evaluate "
+            "with one label per clip"
+        )
+    given = clip_labels(clips)
+    unknown = sorted({x for labels in given for x in labels} - set(classifier.labels))
+    if unknown:
+        raise DatasetError(f"labels unknown to the model: {', '.join(map(str, unknown[:5]))}")
     feature_cache, report = prepare(
         clips, cache or DEFAULT_CACHE, classifier.features, progress=progress
     )
-    clips = clips[[p in feature_cache for p in clips["path"]]].reset_index(drop=True)
+    kept = np.array([p in feature_cache for p in clips["path"]], bool)
+    clips = clips[kept].reset_index(drop=True)
     index = {label: i for i, label in enumerate(classifier.labels)}
-    targets = clips["label"].map(index).to_numpy()
+    given = [labels for labels, keep in zip(given, kept, strict=True) if keep]
+    targets = multi_hot(given, index) if multi else clips["label"].map(index).to_numpy()
     log_mels = (
         feature_cache.load(path)
         for path in tqdm(clips["path"], desc="evaluate", unit="clip", disable=not progress)
     )
     probabilities = classifier.probabilities(log_mels)
     frame = pd.DataFrame(probabilities, columns=classifier.labels)
-    frame.insert(0, "label", clips["label"].to_numpy())
+    if multi:
+        frame.insert(0, "labels", joined_labels(classifier.labels, targets))
+    else:
+        frame.insert(0, "label", clips["label"].to_numpy())
     frame.insert(0, "path", clips["path"].to_numpy())
-    return score(probabilities, targets, classifier.labels), frame, report.failures
+    metrics = score(probabilities, targets, classifier.labels, classifier.spec.thresholds or None)
+    return metrics, frame, report.failures

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .audio import AudioError, clip_duration, decode_bytes, load_clip
 from .calibration import UNKNOWN_LABEL, Rejection, known_clips
 from .errors import ConfigError
+from .layouts import LABEL_JOIN
 from .modelfile import ModelFileError, ModelSpec
 
 if TYPE_CHECKING:
@@ -82,6 +83,26 @@ def top_labels(
     return [(labels[i], float(probabilities[i])) for i in order]
 
 
+def present_labels(
+    labels: Sequence[str], probabilities: np.ndarray, thresholds: Sequence[float] | np.ndarray
+) -> list[tuple[str, float]]:
+    """A multi-label model's answer: every (label, probability) at or above the
+    label's threshold, most probable first (none: nothing the model knows is there)."""
+    probabilities = np.asarray(probabilities)
+    order = np.argsort(-probabilities, kind="stable")
+    chosen = probabilities >= np.asarray(thresholds)
+    return [(labels[i], float(probabilities[i])) for i in order if chosen[i]]
+
+
+def answer(spec: ModelSpec, probabilities: np.ndarray, top_k: int = 3) -> list[tuple[str, float]]:
+    """What ``predict`` answers for one clip, with either runtime: the ``top_k`` most
+    probable labels, or for a multi-label model every label at or above its threshold
+    (:func:`present_labels`; ``top_k`` does not apply)."""
+    if spec.multi_label:
+        return present_labels(spec.labels, probabilities, spec.thresholds)
+    return top_labels(spec.labels, probabilities, top_k)
+
+
 def submission(
     frame: pd.DataFrame,
     labels: Sequence[str],
@@ -89,6 +110,7 @@ def submission(
     root: str | os.PathLike | None = None,
     known: np.ndarray | None = None,
     unknown_label: str = UNKNOWN_LABEL,
+    thresholds: Sequence[float] | np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The Kaggle submission format, ``fname`` and the ``top_k`` labels space-separated,
     plus ``path``: the file relative to ``root`` (where it lies below it), since two
@@ -96,9 +118,26 @@ def submission(
 
     With ``known`` (one flag per row, :meth:`Classifier.known`), a clip that is not
     known gets ``unknown_label`` as its label, and the columns ``best_label`` and
-    ``best_probability`` keep the most probable known label either way."""
+    ``best_probability`` keep the most probable known label either way.
+
+    With ``thresholds`` (a multi-label model's, one per label) the answer is
+    ``fname``, ``labels``: every label at or above its threshold, most probable first,
+    joined by ``;`` ("dog;rain"; empty for none), ``path``, then every label's
+    probability in a column of its own (``top_k`` and ``known`` do not apply)."""
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
+    if thresholds is not None:
+        present = frame[list(labels)].to_numpy()
+        return pd.DataFrame(
+            {
+                "fname": [Path(p).name for p in frame["path"]],
+                "labels": [
+                    LABEL_JOIN.join(name for name, _ in present_labels(labels, row, thresholds))
+                    for row in present
+                ],
+                "path": [_relative(p, root) for p in frame["path"]],
+            }
+        ).join(frame[list(labels)].reset_index(drop=True))
     probabilities = frame[list(labels)].to_numpy()
     top = np.argsort(-probabilities, axis=1)[:, :top_k]
     answers = [" ".join(labels[i].replace(" ", "_") for i in row) for row in top]
@@ -311,8 +350,9 @@ class OnnxClassifier:
         return top_labels(self.labels, probabilities, k)
 
     def predict(self, clip: AnyClip, top_k: int = 3):
-        """The ``top_k`` (label, probability) pairs for one clip (path, bytes or waveform)."""
-        return self.top(self.clip_probabilities(clip), top_k)
+        """The ``top_k`` (label, probability) pairs for one clip (path, bytes or
+        waveform); a multi-label model's labels at or above their thresholds."""
+        return answer(self.spec, self.clip_probabilities(clip), top_k)
 
     def spectrogram_png(self, db: np.ndarray) -> bytes:
         """The page's picture of a log-mel: the colour map of the feature cache's

@@ -9,6 +9,12 @@ the model file and the scores (:func:`soundsight.evaluation.write_metrics`). Sta
 trains the new head with the body frozen; stage 2 unfreezes everything, the body at a
 lower learning rate than the head; each stage runs its own one-cycle schedule
 (:mod:`soundsight.schedule`).
+
+A multi-label table (:func:`soundsight.layouts.is_multi_label`), or
+``TrainConfig(multi_label=True)``, trains the same way with sigmoid outputs, binary
+cross-entropy and clips mixed in pairs (:func:`mix_clips`); instead of the temperature
+and the ``unknown`` rule, each label gets a threshold tuned for F1 on the validation
+clips (:func:`soundsight.evaluation.tune_thresholds`), stored in the model file.
 """
 
 from __future__ import annotations
@@ -39,8 +45,17 @@ from .config import TrainConfig, config_to_dict
 from .datamodule import ClipDataModule
 from .distributed import distribution, gather_in_order, is_global_zero, precision
 from .errors import ConfigError
-from .evaluation import SUMMARY, make_folds, score, write_json, write_metrics
-from .features import FeatureConfig, flush_denormals
+from .evaluation import (
+    describe_scores,
+    make_folds,
+    score,
+    summary,
+    tune_thresholds,
+    write_json,
+    write_metrics,
+)
+from .features import FeatureConfig, add_log_mels, flush_denormals
+from .layouts import is_multi_label
 from .modelfile import ModelSpec, save_model_file
 from .models import (
     ModelConfig,
@@ -156,15 +171,61 @@ def spec_augment(db: torch.Tensor, config: TrainConfig, floor: float) -> torch.T
     return out
 
 
-class ClipClassifier(L.LightningModule):
-    """The classifier's science: augmentation, loss, optimiser, schedule, metrics."""
+def mix_clips(
+    db: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    probability: float,
+    features: FeatureConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-label training examples made of two clips: each view of the batch, with
+    ``probability``, gets another view of the batch added to it (their powers summed,
+    :func:`soundsight.features.add_log_mels`), and the union of both clips' labels
+    (``targets``: 0/1 rows); the pair weighs as the lighter of the two. A background
+    clip (no label) mixed in is ambience under the other's labels."""
+    count = len(targets)
+    if count < 2 or probability <= 0:
+        return db, targets, weights
+    own = torch.arange(count, device=db.device)
+    partner = torch.randperm(count, device=db.device)
+    chosen = (torch.rand(count, device=db.device) < probability) & (partner != own)
+    if not chosen.any():
+        return db, targets, weights
+    db, targets, weights = db.clone(), targets.clone(), weights.clone()
+    others = partner[chosen]
+    db[chosen] = add_log_mels(db[chosen], db[others], features).to(db.dtype)
+    targets[chosen] = torch.maximum(targets[chosen], targets[others])
+    weights[chosen] = torch.minimum(weights[chosen], weights[others])
+    return db, targets, weights
 
-    def __init__(self, net: SoundNet, config: TrainConfig, num_classes: int, floor_db: float):
+
+class ClipClassifier(L.LightningModule):
+    """The classifier's science: augmentation, loss, optimiser, schedule, metrics.
+
+    Single-label (the default): softmax cross-entropy with label smoothing and
+    optional mixup. Multi-label (``config.multi_label``, a net built with
+    ``multi_label=True``): clips mixed in pairs (:func:`mix_clips`) and binary
+    cross-entropy on each label's logit, the same smoothing pulling targets towards
+    1/2; its validation ``error_rate`` is the share of wrong (clip, label) decisions at
+    probability 0.5.
+    """
+
+    def __init__(
+        self,
+        net: SoundNet,
+        config: TrainConfig,
+        num_classes: int,
+        floor_db: float,
+        features: FeatureConfig | None = None,
+    ):
         super().__init__()
         self.net = net
         self.config = config
         self.num_classes = num_classes
         self.floor_db = floor_db
+        self.features = features or FeatureConfig()
+        if config.multi_label != net.multi_label:
+            raise ConfigError("a multi-label recipe needs a multi-label network, and only it")
         self.stage = 2
         self.lr = config.lr  # read and set by Lightning's LR finder
         self.mixup = (
@@ -186,19 +247,28 @@ class ClipClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_index):
         db, targets, weights = batch
+        smoothing = self.config.label_smoothing
+        if self.config.multi_label:
+            db, targets, weights = mix_clips(
+                db, targets, weights, self.config.mix_probability, self.features
+            )
         if self.config.freq_masks or self.config.time_masks:
             db = spec_augment(db, self.config, self.floor_db)
         images = self.net.encoder(db)
-        if self.mixup is not None and len(targets) % 2 == 0:
-            images, soft = self.mixup(images, targets)
+        if self.config.multi_label:
+            logits = self.net.backbone(images)
+            soft = targets.float() * (1 - smoothing) + smoothing / 2
+            losses = F.binary_cross_entropy_with_logits(
+                logits.float(), soft, reduction="none"
+            ).mean(-1)
         else:
-            soft = F.one_hot(targets, self.num_classes).float()
-            soft = (
-                soft * (1 - self.config.label_smoothing)
-                + self.config.label_smoothing / self.num_classes
-            )
-        logits = self.net.backbone(images)
-        losses = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)
+            if self.mixup is not None and len(targets) % 2 == 0:
+                images, soft = self.mixup(images, targets)
+            else:
+                soft = F.one_hot(targets, self.num_classes).float()
+                soft = soft * (1 - smoothing) + smoothing / self.num_classes
+            logits = self.net.backbone(images)
+            losses = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)
         loss = (losses * weights).sum() / weights.sum()
         self.log(
             "train_loss",
@@ -217,8 +287,14 @@ class ClipClassifier(L.LightningModule):
         windows, targets, rows, counts = batch
         probabilities = clip_probabilities(self.net, windows, counts).float()
         self._valid_outputs.append((probabilities.cpu(), targets.cpu(), rows.cpu()))
-        loss = F.nll_loss(probabilities.clamp_min(1e-8).log(), targets)
-        error = (probabilities.argmax(-1) != targets).float().mean()
+        if self.config.multi_label:
+            # By hand: F.binary_cross_entropy is refused under CUDA autocast (bf16).
+            p = probabilities.clamp(1e-7, 1 - 1e-7)
+            loss = -(targets * p.log() + (1 - targets) * (1 - p).log()).mean()
+            error = ((probabilities >= 0.5) != (targets > 0.5)).float().mean()
+        else:
+            loss = F.nll_loss(probabilities.clamp_min(1e-8).log(), targets)
+            error = (probabilities.argmax(-1) != targets).float().mean()
         self.log("valid_loss", loss, prog_bar=True, batch_size=len(targets), sync_dist=True)
         self.log("error_rate", error, prog_bar=True, batch_size=len(targets), sync_dist=True)
 
@@ -387,8 +463,9 @@ def _data(
 
 def _classifier(data: ClipDataModule, pretrained: bool) -> ClipClassifier:
     floor = data.features.floor_db
-    net = SoundNet(data.model, len(data.labels), floor, pretrained=pretrained)
-    return ClipClassifier(net, data.config, len(data.labels), floor)
+    multi = data.config.multi_label
+    net = SoundNet(data.model, len(data.labels), floor, pretrained=pretrained, multi_label=multi)
+    return ClipClassifier(net, data.config, len(data.labels), floor, data.features)
 
 
 @flush_denormals()
@@ -415,7 +492,9 @@ def train(
     Parameters
     ----------
     clips : DataFrame
-        Training clips (:func:`soundsight.load_dataset`); labels are strings.
+        Training clips (:func:`soundsight.load_dataset`); labels are strings. A
+        multi-label table (several labels per clip, or none) makes it multi-label
+        training (``config.multi_label`` is set).
     out : path
         Run folder: model file, per-epoch ``history.csv``, ``metrics.json`` and the
         other scores (:func:`soundsight.evaluation.write_metrics`), checkpoints (for
@@ -456,6 +535,8 @@ def train(
         raise ConfigError(f"unknown rejection score {rejection!r}; choose from {REJECTION_SCORES}")
     features = features or FeatureConfig()
     config = config or TrainConfig()
+    if not config.multi_label and any(t is not None and is_multi_label(t) for t in (clips, valid)):
+        config = replace(config, multi_label=True)
     out = Path(out)
     if lr_find and distribution(devices, num_nodes)[2] == "ddp":
         raise ConfigError("--lr auto runs in one process: run lr-find first, then train with --lr")
@@ -473,6 +554,12 @@ def train(
         progress=progress,
     )
     module = _classifier(data, pretrained)
+    background = data.background_clips
+    if progress and is_global_zero() and any(background.values()):
+        print(
+            f"background clips (no label): {background['train']} training, "
+            f"{background['valid']} validation"
+        )
     if lr_find:
         _use_found_rate(module, data, out / "lr_find.png", progress)
     trainer = _fit_stages(
@@ -530,50 +617,88 @@ def _validate_and_save(
     keep: float,
     rejection: str,
 ) -> TrainResult:
-    """Score the trained network on every validation clip, fit the temperature and the
-    ``unknown`` threshold on them (the scores then are the calibrated ones a user will
-    read); rank 0 writes the model file and the scores."""
+    """Score the trained network on every validation clip and give its scores their
+    meaning there: for a single-label model, fit the temperature and the ``unknown``
+    threshold (the scores then are the calibrated ones a user will read); for a
+    multi-label one, tune each label's threshold for F1 (it has neither temperature nor
+    ``unknown``). Rank 0 writes the model file and the scores."""
     trainer.validate(module, datamodule=data, verbose=False)
-    valid_clips = data.valid
-    probabilities, targets = module.validation_results(len(valid_clips))
+    probabilities, targets = module.validation_results(len(data.valid))
+    thresholds = None
+    meaning: dict = {}
+    reliability = None
+    if module.config.multi_label:
+        thresholds = tune_thresholds(targets, probabilities)
+        meaning = {
+            "calibration": {"clips": len(targets), "note": MULTI_LABEL_CALIBRATION},
+            "multi_label": True,
+            "thresholds": tuple(float(t) for t in thresholds),
+        }
+    elif trainer.is_global_zero:
+        probabilities, targets, meaning, reliability = _calibrated(
+            module, data, probabilities, targets, keep, rejection
+        )
+    metrics = score(probabilities, targets, data.labels, thresholds)
     model_path = out / "model.safetensors"
     if trainer.is_global_zero:
-        logits, counts, fitted_targets, embeddings = _validation_logits(module.net, data)
-        centroids = _class_centroids(module.net, data) if rejection == "centroid_cosine" else None
-        calibrated = calibrate(
-            logits,
-            counts,
-            fitted_targets,
-            keep=keep,
-            score=rejection,
-            embeddings=embeddings,
-            centroids=centroids,
+        spec = ModelSpec(
+            labels=tuple(data.labels),
+            features=data.features,
+            model=data.model,
+            train=config_to_dict(module.config),
+            metrics=summary(metrics),
+            notice=licence_notice(data.model.backbone),
+            **meaning,
         )
-        if len(fitted_targets) == len(targets):
-            probabilities, targets = calibrated.probabilities, fitted_targets
-    metrics = score(probabilities, targets, data.labels)
-    if trainer.is_global_zero:
-        if "note" in calibrated.summary:
-            warnings.warn(calibrated.summary["note"], stacklevel=3)
-        save_model_file(
-            model_path,
-            module.net,
-            ModelSpec(
-                labels=tuple(data.labels),
-                features=data.features,
-                model=data.model,
-                train=config_to_dict(module.config),
-                metrics={k: metrics[k] for k in SUMMARY},
-                notice=licence_notice(data.model.backbone),
-                temperature=calibrated.temperature,
-                calibration=calibrated.summary,
-                rejection=calibrated.rejection.to_dict() if calibrated.rejection else {},
-            ),
-        )
-        paths = valid_clips["path"].tolist()
+        save_model_file(model_path, module.net, spec)
+        paths = data.valid["path"].tolist()
         write_metrics(out, metrics, data.labels, paths, probabilities, targets)
-        write_csv(calibrated.reliability, out / "reliability.csv")
+        if reliability is not None:
+            write_csv(reliability, out / "reliability.csv")
     return TrainResult(model_path, metrics, read_history(out / "history.csv"), data.failures)
+
+
+#: What a multi-label model file says of calibration (the ``calibration`` field).
+MULTI_LABEL_CALIBRATION = (
+    "multi-label model: no temperature scaling and no 'unknown' rule (both are for one "
+    "label per clip); a label is present at or above its own threshold, tuned for F1 "
+    "on the validation clips"
+)
+
+
+def _calibrated(
+    module: ClipClassifier,
+    data: ClipDataModule,
+    probabilities: np.ndarray,
+    targets: np.ndarray,
+    keep: float,
+    rejection: str,
+) -> tuple[np.ndarray, np.ndarray, dict, pd.DataFrame]:
+    """Fit a single-label model's temperature and ``unknown`` rule on the validation
+    clips (rank 0 alone, scoring every clip itself): the clips' calibrated
+    probabilities and targets, the model file's fields for them and the reliability
+    table."""
+    logits, counts, fitted_targets, embeddings = _validation_logits(module.net, data)
+    centroids = _class_centroids(module.net, data) if rejection == "centroid_cosine" else None
+    calibrated = calibrate(
+        logits,
+        counts,
+        fitted_targets,
+        keep=keep,
+        score=rejection,
+        embeddings=embeddings,
+        centroids=centroids,
+    )
+    if len(fitted_targets) == len(targets):
+        probabilities, targets = calibrated.probabilities, fitted_targets
+    if "note" in calibrated.summary:
+        warnings.warn(calibrated.summary["note"], stacklevel=4)
+    meaning = {
+        "temperature": calibrated.temperature,
+        "calibration": calibrated.summary,
+        "rejection": calibrated.rejection.to_dict() if calibrated.rejection else {},
+    }
+    return probabilities, targets, meaning, calibrated.reliability
 
 
 def _use_found_rate(
@@ -736,15 +861,13 @@ def cross_validate(
             progress=progress,
             **train_options,
         )
-        rows.append({"fold": k, **{key: result.metrics[key] for key in SUMMARY}})
+        rows.append({"fold": k, **summary(result.metrics)})
         if progress and is_global_zero():
-            print(
-                f"fold {k}: accuracy {result.metrics['accuracy']:.4f} "
-                f"MAP@3 {result.metrics['map3']:.4f} ({result.metrics['clips']} clips)"
-            )
+            print(f"fold {k}: {describe_scores(result.metrics)}")
     frame = pd.DataFrame(rows)
-    mean = frame[list(SUMMARY)].mean().to_dict()
-    std = frame[list(SUMMARY)].std(ddof=0).to_dict()
+    keys = [key for key in rows[0] if key != "fold"]
+    mean = frame[keys].mean().to_dict()
+    std = frame[keys].std(ddof=0).to_dict()
     if is_global_zero():
         write_json(out / "cv.json", {"folds": rows, "mean": mean, "std": std})
     return CVResult(rows, mean, std)

@@ -37,7 +37,16 @@ MAX_AUDIO_SECONDS = 30.0
 MAX_FAILURES = 50
 MAX_CONFUSED = 25
 #: The summary metrics, in order, with their names on the page.
-METRICS = {"clips": "clips", "accuracy": "accuracy", "error_rate": "error rate", "map3": "MAP@3"}
+METRICS = {
+    "clips": "clips",
+    "accuracy": "accuracy",
+    "error_rate": "error rate",
+    "map3": "MAP@3",
+    "background_clips": "clips without a label",
+    "lwlrap": "lwlrap",
+    "mean_ap": "mAP",
+    "macro_f1": "macro F1",
+}
 #: The model file's configs shown, with their captions.
 CONFIGS = {"train": "training recipe", "model": "model", "features": "log-mel features"}
 #: A single run's sections, for the page's navigation.
@@ -290,6 +299,12 @@ def _calibration(run: RunData) -> list[tuple[str, str]]:
     """The model file's temperature, ECE before and after, and 'unknown' rule."""
     if run.spec is None:
         return []
+    if run.spec.multi_label:  # no temperature, no 'unknown': one threshold per label
+        cuts = run.spec.thresholds
+        return [
+            ("labels", str(len(cuts))),
+            ("thresholds", f"{min(cuts):.3f} to {max(cuts):.3f} (per_class.csv)"),
+        ]
     spec, rows = run.spec, [("temperature", f"{run.spec.temperature:.3f}")]
     if "clips" in spec.calibration:
         rows.append(("validation clips", str(spec.calibration["clips"])))

@@ -34,11 +34,16 @@ RUN_PLOTS = (
     "lr_find",
     "confusion",
     "per_class",
+    "average_precision",
+    "pr_curves",
     "reliability",
     "top_losses",
     "tsne",
     "tsne_thumbnails",
 )
+#: Plots of a multi-label run only, and of a single-label run only.
+MULTI_LABEL_PLOTS = {"average_precision", "pr_curves"}
+SINGLE_LABEL_PLOTS = {"confusion", "reliability"}
 #: The plots drawn from the clips themselves (log-mels, embeddings).
 TSNE_PLOTS = {"tsne", "tsne_thumbnails"}
 CLIP_PLOTS = {"top_losses"} | TSNE_PLOTS
@@ -127,9 +132,22 @@ def _error_figures(run: RunData, wanted: set[str], say: _Progress) -> Iterator[t
     if "per_class" in wanted and run.per_class is not None and len(run.per_class):
         yield "per_class", plots.plot_per_class(run.per_class)
         say("per-class scores")
+    if run.multi_label and "average_precision" in wanted and run.per_class is not None:
+        yield "average_precision", plots.plot_average_precision(run.per_class)
+        say("average precision per class")
+    if run.multi_label and "pr_curves" in wanted and run.predictions is not None:
+        truth = plots.multi_label_truth(run.predictions, run.labels)
+        scores = run.predictions[run.labels].to_numpy(float)
+        yield "pr_curves", plots.plot_pr_curves(truth, scores, run.labels, _thresholds(run))
+        say("precision-recall curves")
     if "reliability" in wanted and run.reliability is not None and len(run.reliability):
         yield "reliability", plot_reliability(run.reliability, run.spec)
         say("reliability diagram")
+
+
+def _thresholds(run: RunData) -> tuple[float, ...] | None:
+    """A multi-label run's per-class thresholds (from its model file), if known."""
+    return run.spec.thresholds if run.spec is not None and run.spec.thresholds else None
 
 
 def plot_reliability(table: pd.DataFrame, spec=None) -> Figure:
@@ -176,7 +194,11 @@ def _embedded_clips(
     from ..prediction import Classifier
 
     assert run.predictions is not None  # run_figures checked it
-    clips = _sample(run.predictions[["path", "label"]], MAX_TSNE_CLIPS)
+    # A multi-label run's clips are coloured by their label list ("dog;rain").
+    given = "labels" if run.multi_label else "label"
+    clips = _sample(
+        run.predictions[["path", given]].rename(columns={given: "label"}), MAX_TSNE_CLIPS
+    )
     if len(clips) < MIN_TSNE_CLIPS:
         return None
     classifier = Classifier.load(run.model_path)
@@ -262,10 +284,13 @@ def run_figures(
     features = run.features or FeatureConfig()
     log_mels = LogMels(features, cache)
     if "top_losses" in wanted:
-        losses = plots.top_losses(run.predictions, run.labels, top)
+        losses = plots.top_losses(run.predictions, run.labels, top, _thresholds(run))
         data["top_losses"] = losses
         spectrograms = [log_mels(p) for p in losses["path"]]
-        yield "top_losses", plots.plot_top_losses(losses, spectrograms, features)
+        yield (
+            "top_losses",
+            plots.plot_top_losses(losses, spectrograms, features, multi_label=run.multi_label),
+        )
         say("top losses")
     if wanted & TSNE_PLOTS and run.model_path.is_file():
         yield from _tsne_figures(run, log_mels, wanted, data, say)

@@ -23,7 +23,7 @@ from ..tables import read_csv
 
 #: The text columns of each CSV of a run folder; the other columns are numbers.
 TEXT_COLUMNS = {
-    "valid_predictions.csv": ("path", "label"),
+    "valid_predictions.csv": ("path", "label", "labels"),
     "confusion.csv": (),  # labels in the index and the header, counts in the cells
     "per_class.csv": ("label",),
     "most_confused.csv": ("true", "predicted"),
@@ -82,6 +82,9 @@ class RunData:
     reliability : DataFrame or None
         The reliability diagram's bins before and after temperature scaling
         (``reliability.csv``, see :func:`soundsight.calibration.reliability`).
+    multi_label : bool
+        A multi-label model's run (its predictions have ``labels``, not ``label``):
+        no confusion matrix, per-class average precision and precision-recall curves.
     """
 
     folder: Path
@@ -98,6 +101,7 @@ class RunData:
     metrics: dict = field(default_factory=dict)
     failures: pd.DataFrame | None = None
     reliability: pd.DataFrame | None = None
+    multi_label: bool = False
 
     @property
     def model_path(self) -> Path:
@@ -119,10 +123,15 @@ class RunData:
             run.labels = list(run.predictions.columns[2:])
         else:
             run.labels = list(run.spec.labels) if run.spec else []
+        run.multi_label = (
+            run.spec.multi_label
+            if run.spec is not None
+            else run.predictions is not None and "labels" in run.predictions
+        )
         confusion = read_run_csv(folder, "confusion.csv")
         if confusion is not None:
             run.confusion = confusion.to_numpy()
-        elif run.predictions is not None:
+        elif run.predictions is not None and not run.multi_label:
             run.confusion = plots.confusion_from_predictions(run.predictions, run.labels)
         run.history = read_run_csv(folder, "history.csv")
         run.per_class = read_run_csv(folder, "per_class.csv")

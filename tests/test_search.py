@@ -123,7 +123,9 @@ def test_search_finds_the_querys_own_window_first(built, audio):
     for k in (3, len(rows) // 2, len(rows) - 1):
         window = rows.iloc[k]
         hits, query = search(index, str(audio["long"]), 5, window["start"], window["end"])
-        assert hits["row"].iloc[0] == window["row"]
+        # Overlapping windows sharing their loudest moment embed alike (max pooling):
+        # the window is among the hits at distance 0, and those come first.
+        assert window["row"] in set(hits.loc[hits["distance"] < 1e-5, "row"])
         assert hits["distance"].iloc[0] == pytest.approx(0, abs=1e-5)
         assert hits["distance"].is_monotonic_increasing
     index.close()

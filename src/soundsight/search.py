@@ -852,7 +852,7 @@ def nearest(index: Index, query: Query, top: int = 20, exclude: Iterable[int] = 
     if k == 0:
         return pd.DataFrame(columns=["row", "file", "start", "end", "distance"])
     best = np.argpartition(-scores, k - 1)[:k]
-    best = best[np.argsort(-scores[best], kind="stable")]
+    best = best[np.lexsort((best, -scores[best]))]  # ties (max-pooled twins): lower row first
     hits = index.windows(best)
     hits["distance"] = (1.0 - scores[best]).astype(np.float64)
     return hits

@@ -4,6 +4,7 @@ a label clicked in Chromium surviving a restart."""
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import socket
 import subprocess
@@ -95,6 +96,13 @@ def test_bad_labels_are_refused(client, folder, label):
     answer = client.post("/api/label", json={"row": 1, "label": label, "verdict": "yes"})
     assert answer.status_code in (400, 422) and "label" in answer.text
     assert Index(folder).labels().empty
+
+
+def test_page_loads_only_its_own_files(client):
+    html = client.get("/").text
+    assert 'href="/static/page.css"' in html and "<script>" in html
+    assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html, re.I), "external URL"
+    assert client.get("/static/page.css").headers["content-type"].startswith("text/css")
 
 
 def test_clicks_must_be_json_and_hosts_checked(client, folder):

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -192,6 +193,35 @@ def test_label_clicked_in_chromium_survives_a_restart(chromium, folder):
             first_row: 1,
             second_row: 0,
         }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_label_off_loopback_prints_a_token_and_needs_it(folder):
+    port = _free_port()
+    command = [sys.executable, "-m", "soundsight.cli", "label", str(folder), "--host", "0.0.0.0"]
+    command += ["--port", str(port), "--allowed-host", "127.0.0.1"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        line = server.stderr.readline()
+        match = re.search(r"\?token=(\S+)", line)
+        assert match, line
+        base = f"http://127.0.0.1:{port}/api/state"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(base, timeout=1)
+                raise AssertionError("answered without the token")
+            except urllib.error.HTTPError as err:
+                assert err.code == 401
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"{base}?token={match[1]}", timeout=5) as answer:
+            assert answer.status == 200
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -127,7 +127,11 @@ def simulate(folder: Path, truth: dict[str, str], classes: list[str], rounds: in
                 scores = heads.scores[windows["row"].to_numpy(), heads.labels.index(label)]
                 # Over the windows not yet labelled: what the user has yet to find.
                 unseen = ~windows["row"].isin(index.seen(label)).to_numpy()
-                aps.append(float(average_precision_score(target[unseen], scores[unseen])))
+                # (NaN once every positive is labelled: nothing left to find.)
+                left = target[unseen]
+                aps.append(
+                    float(average_precision_score(left, scores[unseen])) if left.any() else np.nan
+                )
                 if round_no == rounds:
                     break
                 picks = suggest(index, label, 10, strategy, seed=round_no, heads=heads)
@@ -136,7 +140,7 @@ def simulate(folder: Path, truth: dict[str, str], classes: list[str], rounds: in
             curves[strategy].append(aps)
     index.close()
     return {
-        s: [round(float(v), 4) for v in np.mean(np.array(c), axis=0)] for s, c in curves.items()
+        s: [round(float(v), 4) for v in np.nanmean(np.array(c), axis=0)] for s, c in curves.items()
     }
 
 

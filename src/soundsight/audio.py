@@ -202,6 +202,29 @@ def read_blocks(
         raise AudioError(path, _NO_SAMPLES)
 
 
+def read_segment(path: str | os.PathLike, start: float, end: float) -> tuple[np.ndarray, int]:
+    """Seconds ``start`` to ``end`` of an audio file, mono float32 at the file's own
+    rate (seeking, not decoding what comes before): ``(samples, sample_rate)``. The
+    search page plays and exports exactly an indexed window this way.
+
+    Raises
+    ------
+    AudioError
+        As :func:`load_clip`, or when the segment holds no samples.
+    """
+    with _open(path) as clip:
+        rate = clip.samplerate
+        first = max(0, int(round(start * rate)))
+        count = max(0, min(int(round(end * rate)), clip.frames) - first)
+        if count == 0:
+            raise AudioError(path, f"no samples between {start:g} s and {end:g} s")
+        try:
+            clip.seek(first)
+        except _DECODER_ERRORS as err:
+            raise AudioError(path, _reason(err)) from None
+        return np.ascontiguousarray(_mono(_read(clip, path, count), path)), rate
+
+
 def decode_bytes(
     data: bytes, sample_rate: int, name: str = "<upload>", max_duration: float | None = None
 ) -> np.ndarray:

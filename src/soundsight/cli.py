@@ -942,6 +942,158 @@ def _args_show_batch(p: argparse.ArgumentParser) -> None:
     _add_feature_args(p)
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from .search import build_index, merge_shards, parse_shard
+
+    if args.merge:
+        if args.paths:
+            raise SoundsightError("--merge joins the shards of --out: give no AUDIO with it")
+        report = merge_shards(args.out)
+    else:
+        if not args.paths:
+            raise SoundsightError("name the audio files or folders to index")
+        report = build_index(
+            args.paths,
+            args.out,
+            model=args.model,
+            backbone=args.backbone,
+            window_seconds=args.window,
+            hop_seconds=args.hop,
+            shard=parse_shard(args.shard),
+        )
+    hours = report.audio_seconds / 3600
+    speed = report.audio_seconds / report.elapsed if report.elapsed else 0.0
+    print(
+        f"{len(report.added)} files added ({report.windows} windows, {hours:.3f} h of audio, "
+        f"{speed:.0f}x real time), {len(report.replaced)} changed files indexed again, "
+        f"{report.unchanged} unchanged skipped: {args.out}"
+    )
+    return _report_failures(report.failures)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import search
+    from .tables import write_csv
+
+    if (args.query is None) == (args.label is None):
+        raise SoundsightError("give a QUERY clip or --label LABEL (one of them)")
+    hits, query = search(
+        args.index, args.query, args.top, args.start, args.end, args.label, args.model
+    )
+    if query.note:
+        print(f"note: {query.note}", file=sys.stderr)
+    hits = hits[["file", "start", "end", "distance", "row"]]
+    if args.out:
+        write_csv(hits, args.out)
+        print(f"{len(hits)} hits for {query.source} written to {args.out}")
+    else:
+        print(hits.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from .label_app import serve_labelling
+
+    serve_labelling(args.index, args.host, args.port, args.allowed_host)
+    return 0
+
+
+def cmd_fit_labels(args: argparse.Namespace) -> int:
+    from .labelling import reports_table, train_heads
+    from .search import Index
+
+    index = Index(args.index)
+    try:
+        heads = train_heads(index, seed=args.seed)
+    finally:
+        index.close()
+    print(reports_table(heads).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from .labelling import suggest
+    from .search import Index
+
+    index = Index(args.index)
+    try:
+        table = suggest(index, args.label, args.count, args.strategy, args.seed)
+    finally:
+        index.close()
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_export_labels(args: argparse.Namespace) -> int:
+    from .search import export_labels
+
+    path = export_labels(args.index, args.out)
+    print(
+        f"labelled windows written to {path} (train with: soundsight train {args.out} "
+        "--layout csv --csv labels.csv)"
+    )
+    return 0
+
+
+def _args_index(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="*", metavar="AUDIO", help="audio files or folders (any length)")
+    p.add_argument("--out", required=True, help="index folder (created, or added to)")
+    p.add_argument("--model", help="embed with a trained model file instead of the backbone")
+    p.add_argument("--backbone", default="aisfx", help="pretrained backbone (default aisfx)")
+    p.add_argument(
+        "--window", type=float, help="window seconds (default: the backbone's clip length)"
+    )
+    p.add_argument("--hop", type=float, help="seconds between windows (default: half a window)")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="do only shard i of n, as 'i/n', into OUT/shard-IofN (default 0/1)",
+    )
+    p.add_argument("--merge", action="store_true", help="join OUT/shard-* into OUT")
+
+
+def _args_search(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", help="index folder (soundsight index)")
+    p.add_argument("query", nargs="?", help="query clip (an audio file)")
+    p.add_argument("--start", type=float, help="query: seconds into the file where it starts")
+    p.add_argument("--end", type=float, help="query: seconds into the file where it ends")
+    p.add_argument("--label", help="query: the centroid of the windows labelled LABEL")
+    p.add_argument("--top", type=_positive_int, default=20, help="hits (default 20)")
+    p.add_argument("--model", help="the model file the index was built with (checked)")
+    p.add_argument("--out", help="write the hits as CSV (default: print)")
+
+
+def _args_label(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", help="index folder (soundsight index)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8001, help="port (default 8001)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        help="Host header value to accept, repeatable; default: the loopback names and --host",
+    )
+
+
+def _args_fit_labels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", help="index folder (soundsight index)")
+    p.add_argument("--seed", type=int, default=0, help="seed of folds and background draws")
+
+
+def _args_suggest(p: argparse.ArgumentParser) -> None:
+    from .labelling import STRATEGIES
+
+    p.add_argument("index", help="index folder (soundsight index)")
+    p.add_argument("label", help="the label to find windows for")
+    p.add_argument("--count", type=_positive_int, default=10, help="windows (default 10)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="margin", help="(default margin)")
+    p.add_argument("--seed", type=int, default=0, help="seed (random strategy)")
+
+
+def _args_export_labels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", help="index folder (soundsight index)")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+
+
 def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder of train, or folder of cv")
     p.add_argument("--cache", help="feature cache folder (clips not in it are decoded)")
@@ -1075,6 +1227,63 @@ COMMANDS = (
         "embeddings. Writes OUT/learning_curve.png and CSVs.",
         _args_learning_curve,
         cmd_learning_curve,
+    ),
+    Command(
+        "index",
+        "index hours of unlabelled audio for search by example",
+        "Cut every file (any length, read in blocks) into windows of the backbone's "
+        "clip length at a hop of half of it, embed each with the audio-pretrained "
+        "backbone (aisfx) or a trained --model, and store them in OUT (SQLite + a "
+        "vector file). Incremental (only new or changed files are embedded) and "
+        "resumable after any interruption (a file is committed whole or not at all).",
+        _args_index,
+        cmd_index,
+    ),
+    Command(
+        "search",
+        "the windows of an index nearest to a clip, a stretch or a label",
+        "Exact cosine search on standardised embeddings: QUERY is a clip, or a file "
+        "with --start/--end, or --label LABEL (the centroid of its labelled windows). "
+        "Prints file, start, end, distance of the --top nearest windows.",
+        _args_search,
+        cmd_search,
+    ),
+    Command(
+        "label",
+        "a local page to search an index and label what it finds",
+        "Serve a page: query by upload or by a window, listen to each hit and see its "
+        "spectrogram, mark it 'is LABEL' / 'is not' / skip (keys y, n, s, u to undo); "
+        "every click is committed to the index at once. Train a head per label and "
+        "get suggestions of what to label next. Loopback only unless --host; any "
+        "other host needs the token printed at start.",
+        _args_label,
+        cmd_label,
+    ),
+    Command(
+        "fit-labels",
+        "fit a linear head per label on an index's labelled windows",
+        "Logistic regression on the standardised embeddings of each label's windows, "
+        "cross-validated accuracy and average precision per label, and scores of every "
+        "window (kept in INDEX/scores.npz for suggest).",
+        _args_fit_labels,
+        cmd_fit_labels,
+    ),
+    Command(
+        "suggest",
+        "windows of an index to label next",
+        "Windows not yet labelled for LABEL: the least certain ones, spread out "
+        "(margin), the highest scored (top), or random.",
+        _args_suggest,
+        cmd_suggest,
+    ),
+    Command(
+        "export-labels",
+        "write an index's labelled windows as a dataset to train on",
+        "One WAV per window labelled 'is LABEL' and OUT/labels.csv (path, label, group, "
+        "file, onset, offset), which `soundsight train OUT --layout csv --csv "
+        "labels.csv` reads.",
+        _args_export_labels,
+        cmd_export_labels,
     ),
 )
 

@@ -191,23 +191,11 @@ def timeline(
     hop = max(1, round(hop_seconds * features.sample_rate / features.hop_length))
     starts = window_starts(frames, view.frames, hop)
     pooled = _PooledSpectrogram(frames)
-    blocks = pooled.tap(blocks)
-    if frames <= view.frames:
-        batches: Iterable[np.ndarray] = [view.windows(np.concatenate(list(blocks), axis=1))]
-    else:
-        batches = view.stream_windows(blocks, frames, starts=starts.tolist())
-
-    def one_window_each() -> Iterator[list[np.ndarray]]:
-        with tqdm(
-            total=len(starts), desc=f"detect {name}".strip(), unit="window", disable=not progress
-        ) as bar:
-            for batch in batches:
-                bar.update(len(batch))
-                yield from ([window[None]] for window in batch)
-
-    # Each window is its own "clip" for the scorer: one probability row per window,
-    # windows still sharing forward passes.
-    rows = [p for p, _ in score_windows(classifier.net, one_window_each())]
+    with tqdm(
+        total=len(starts), desc=f"detect {name}".strip(), unit="window", disable=not progress
+    ) as bar:
+        scored = score_each_window(classifier, frames, pooled.tap(blocks), starts, bar=bar)
+        rows = [p for p, _ in scored]
     duration = features.frames_to_seconds(frames)
     if frames <= view.frames:
         centres = np.array([duration / 2])
@@ -223,25 +211,70 @@ def timeline(
     )
 
 
+def score_each_window(
+    classifier: Classifier,
+    frames: int,
+    blocks: Iterable[np.ndarray],
+    starts: Sequence[int] | np.ndarray,
+    embed: bool = False,
+    bar: tqdm | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """``(probabilities, embedding or None)`` of each window of a recording given as
+    its log-mel in column ``blocks`` (``frames`` in all), one per first frame in
+    ``starts`` (:func:`window_starts`), in order, through the one windowed scorer; a
+    recording no longer than a window is one window, padded with silence. ``bar``
+    counts the windows as they are cut. Timelines (:func:`timeline`) and the search
+    index (:mod:`soundsight.search`) both slide windows through here."""
+    view = classifier.view
+    assert view.frames is not None, "only crop views slide windows"
+    if frames <= view.frames:
+        batches: Iterable[np.ndarray] = [view.windows(np.concatenate(list(blocks), axis=1))]
+    else:
+        batches = view.stream_windows(blocks, frames, starts=[int(s) for s in starts])
+
+    def one_window_each() -> Iterator[list[np.ndarray]]:
+        for batch in batches:
+            if bar is not None:
+                bar.update(len(batch))
+            yield from ([window[None]] for window in batch)
+
+    # Each window is its own "clip" for the scorer: one row per window, windows still
+    # sharing forward passes.
+    return score_windows(classifier.net, one_window_each(), embed)
+
+
+def file_blocks(
+    classifier: Classifier, path: str | os.PathLike
+) -> tuple[int, Iterator[np.ndarray]]:
+    """A file's log-mel as ``(frames, column blocks)``: read in blocks when longer than
+    :data:`~soundsight.prediction.STREAM_SECONDS` (memory does not grow with the
+    length), else decoded whole.
+
+    Raises
+    ------
+    AudioError
+        The file cannot be read as audio (on the call, or while the blocks stream).
+    """
+    if clip_duration(path) > STREAM_SECONDS:
+        return classifier.featurise.stream(path)
+    db = classifier.log_mel(path)
+    return db.shape[1], iter([db])
+
+
 def file_timeline(
     classifier: Classifier,
     path: str | os.PathLike,
     hop_seconds: float = DetectConfig.hop_seconds,
     progress: bool = False,
 ) -> Timeline:
-    """:func:`timeline` of an audio file: read in blocks when longer than
-    :data:`~soundsight.prediction.STREAM_SECONDS`, else decoded whole.
+    """:func:`timeline` of an audio file (:func:`file_blocks`).
 
     Raises
     ------
     AudioError
         The file cannot be read as audio.
     """
-    if clip_duration(path) > STREAM_SECONDS:
-        frames, blocks = classifier.featurise.stream(path)
-    else:
-        db = classifier.log_mel(path)
-        frames, blocks = db.shape[1], iter([db])
+    frames, blocks = file_blocks(classifier, path)
     return timeline(classifier, frames, blocks, hop_seconds, progress, Path(path).name)
 
 

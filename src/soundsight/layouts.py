@@ -47,6 +47,7 @@ import pandas as pd
 
 from .audio import AUDIO_EXTENSIONS
 from .errors import SoundsightError
+from .tables import restore_neutralised
 
 COLUMNS = ("path", "label", "fold", "group", "verified")
 #: Joins a multi-label clip's labels into its ``label`` cell, and its predictions'
@@ -519,16 +520,24 @@ def csv_layout(
     frame = _read_csv(csv_path, (path_column,))
     if label_column and label_column not in frame:
         raise DatasetError(f"{csv_path}: no label column {label_column!r}")
-    table = pd.DataFrame({"path": frame[path_column]})
+    # Text cells a soundsight CSV writer made inert (export-labels: a label "=x" is
+    # written "'=x") read back as they were; a foreign "'abc" keeps its quote.
+    table = pd.DataFrame({"path": frame[path_column].map(restore_neutralised)})
     if label_separator is not None:
         if not label_column:
             raise DatasetError("--label-separator needs a label column (--label-column)")
-        table["labels"] = split_labels(frame[label_column], label_separator, csv_path)
+        table["labels"] = split_labels(
+            frame[label_column].map(restore_neutralised), label_separator, csv_path
+        )
     elif label_column:
-        table["label"] = frame[label_column]
+        table["label"] = frame[label_column].map(restore_neutralised)
     for column in ("fold", "group"):
         if column in frame:
-            table[column] = pd.to_numeric(frame[column]) if column == "fold" else frame[column]
+            table[column] = (
+                pd.to_numeric(frame[column])
+                if column == "fold"
+                else frame[column].map(restore_neutralised)
+            )
     return _table(table, root)
 
 

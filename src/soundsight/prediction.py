@@ -157,13 +157,40 @@ class Classifier:
         )
         check_fits(path, net.backbone, tensors)
         net.backbone.load_state_dict(tensors)
-        classifier = cls(net, spec)
-        # Inference only from here on: batch norms fold into the convolutions, checked
-        # on one random window of the model's input shape.
-        shape = classifier.view.windows(np.zeros((spec.features.n_mels, 1), np.float32)).shape[1:]
+        return cls(net, spec)._folded().to(device)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        name: str = "aisfx",
+        crop_seconds: float | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Classifier:
+        """A pretrained backbone with its offline weights and no trained head (one
+        zero output, label ``embedding``): what embeds clips for the search index
+        (:mod:`soundsight.search`). Its front end and window length are the backbone's
+        own (aisfx: 2.32-s blocks), else soundsight's log-mel and ``crop_seconds``
+        (default 2 s)."""
+        from .config import FeatureConfig, ModelConfig
+        from .models import OFFLINE_BACKBONES, backbone_configs
+
+        source = OFFLINE_BACKBONES.get(name)
+        crop = crop_seconds or (source.crop_seconds if source else None) or 2.0
+        features, model = backbone_configs(
+            FeatureConfig(), ModelConfig(backbone=name, crop_seconds=crop)
+        )
+        net = SoundNet(model, 1, features.floor_db, pretrained=True)
+        spec = ModelSpec(("embedding",), features, model, notice=source.notice if source else "")
+        return cls(net, spec)._folded().to(device)
+
+    def _folded(self) -> Classifier:
+        """Inference only from here on: batch norms fold into the convolutions, checked
+        on one random window of the model's input shape."""
+        features = self.spec.features
+        shape = self.view.windows(np.zeros((features.n_mels, 1), np.float32)).shape[1:]
         window = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(0))
-        fold_batch_norms(net, window * spec.features.floor_db)
-        return classifier.to(device)
+        fold_batch_norms(self.net, window * features.floor_db)
+        return self
 
     def to(self, device: str | torch.device) -> Classifier:
         self.net.to(device)

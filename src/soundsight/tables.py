@@ -42,6 +42,14 @@ def restore(text: str) -> str:
     return text[1:] if text.startswith(QUOTE) else text
 
 
+def restore_neutralised(text: str) -> str:
+    """:func:`restore` only where :func:`neutralise` would have written ``text`` (a
+    quote before a formula start or another quote), for CSVs that may come from
+    soundsight or from elsewhere: a foreign ``'abc`` keeps its quote."""
+    plain = restore(text)
+    return plain if plain != text and neutralise(plain) == text else text
+
+
 def _is_text(column: pd.Series) -> bool:
     return column.dtype == object or pd.api.types.is_string_dtype(column)
 

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,9 +54,15 @@ def long_recording(path: Path, minutes: float) -> Path:
 def peak_rss_mb(command: list[str]) -> tuple[float, float, int]:
     """(peak RSS in MB, wall seconds, exit status) of ``command`` in its own process."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    # stderr (the progress bar) goes to a file: an unread pipe fills up on a long
+    # recording and blocks the child.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            log.seek(0)
+            print(log.read().decode(errors="replace")[-2000:], file=sys.stderr)
     return usage.ru_maxrss / 1024, time.perf_counter() - started, process.returncode
 
 

@@ -28,13 +28,13 @@ from .models import SoundNet, fold_batch_norms, window_scores
 from .runtime import answer, top_labels
 from .runtime import submission as submission  # with the torch-free runtime: one CSV
 
-#: Window frames (columns) scored per forward pass on a CPU: windows per pass are this
-#: over the window's width. Small batches win (activations stay in cache), and what
-#: fits is an amount of image, not a number of windows: on ESC-50 (3-s windows of 258
-#: frames, 2 windows per clip, 2 cores) 4 windows gave 75 clips/s, 2 gave 61, 8 gave
-#: 56; 1-s windows (86 frames) score a 5-s clip's 8 in one pass in 27.8 ms, in two
-#: passes of 4 in 31.8 ms (1 thread; the two passes were a 14% slower ``predict``).
-FRAMES_PER_BATCH = 4 * 258
+#: Windows scored per forward pass on a CPU. Small batches win (activations stay in
+#: cache): on ESC-50 (3-s windows, 2 per clip, 2 cores) 4 windows gave 75 clips/s, 2
+#: gave 61, 8 gave 56. One pass of all eight 1-s windows of a 5-s clip is faster alone
+#: (27.8 against 31.8 ms, 1 thread), but its activations outgrow the server's 16 MB
+#: glibc mmap threshold, so every request maps them afresh (4,226 page faults per clip,
+#: tests/test_hostile_server.py): 4 is kept.
+WINDOWS_PER_BATCH = 4
 
 
 #: Recordings longer than this (seconds, from their header) are featurised and scored
@@ -63,7 +63,7 @@ def score_windows(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Score clips given as their evaluation windows, each clip an iterable of window
     arrays ``(k, n_mels, frames)``: windows of consecutive clips share forward passes
-    of about ``windows_per_batch`` (None: as many as :data:`FRAMES_PER_BATCH` holds),
+    of about ``windows_per_batch`` (None: :data:`WINDOWS_PER_BATCH`),
     and each clip gets the mean of its windows' probabilities (and, with ``embed``, of
     their penultimate embeddings).
 
@@ -100,7 +100,7 @@ def score_windows(
     with torch.inference_mode(), flush_denormals():
         for clip, chunks in enumerate(clips):
             for windows in chunks:
-                per_pass = windows_per_batch or max(1, FRAMES_PER_BATCH // windows.shape[-1])
+                per_pass = windows_per_batch or WINDOWS_PER_BATCH
                 for start in range(0, len(windows), per_pass):
                     pending.append(windows[start : start + per_pass])
                     owners.extend([clip] * len(pending[-1]))

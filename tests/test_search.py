@@ -259,7 +259,9 @@ def test_labels_commit_at_once_survive_a_restart_and_undo(built, tmp_path):
     index.close()
 
 
-@pytest.mark.parametrize("label", [7, None, "", "   ", "a\nb", "x" * 201, ["dog"]])
+@pytest.mark.parametrize(
+    "label", [7, None, "", "   ", "a\nb", "x" * 201, ["dog"], "../dog", "dog/bark", "dog;bark"]
+)
 def test_bad_labels_are_refused(built, tmp_path, label):
     index = Index(_copy(built, tmp_path))
     with pytest.raises(SearchError, match="label"):

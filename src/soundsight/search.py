@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from . import layouts
 from .errors import ConfigError, SoundsightError
 from .files import write_whole
 
@@ -225,8 +226,9 @@ def embedder_for(index: Index, model: str | os.PathLike | None = None) -> Classi
 
 def check_label(label: object) -> str:
     """A label as the index stores it: a non-empty string (stripped) of at most
-    :data:`MAX_LABEL_CHARS` printable characters. Labels are names only: nothing ever
-    becomes a path from them (exported clips are named by window number)."""
+    :data:`MAX_LABEL_CHARS` printable characters that :func:`soundsight.layouts.check_label`
+    accepts. Labels are names only: nothing ever becomes a path from them (exported clips
+    are named by window number)."""
     if not isinstance(label, str):
         raise SearchError(f"a label must be a string, not {type(label).__name__}")
     text = label.strip()
@@ -236,6 +238,11 @@ def check_label(label: object) -> str:
         raise SearchError(f"a label must be at most {MAX_LABEL_CHARS} characters")
     if not text.isprintable():
         raise SearchError(f"a label must not hold control characters: {text!r}")
+    # The rule a data set's labels obey (no path separator, no list separator), so that
+    # export-labels always writes a set that train reads.
+    problem = layouts.check_label(text)
+    if problem:
+        raise SearchError(f"refused: {problem}")
     return text
 
 

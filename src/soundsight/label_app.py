@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -92,34 +92,30 @@ def _json_only(request: Request) -> None:
         raise SearchError("send application/json")  # 400 below; forms cannot click
 
 
-def create_label_app(
-    index_folder: str | os.PathLike,
-    settings: ServeConfig | None = None,
-    token: str | None = None,
-) -> FastAPI:
-    """The page's app over the index at ``index_folder`` (opened once; requests take
-    turns on it)."""
-    settings = settings or ServeConfig()
-    index = Index(index_folder)
-    lock = threading.Lock()
-    embedder: list = []  # the index's network, loaded by the first upload
+class LabelSession:
+    """The index a labelling app serves, opened once; requests take turns on it (the
+    lock), and an upload's embedder (the index's network) is loaded on first use."""
 
-    app = FastAPI(title="soundsight label", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.index = index
-    app.add_middleware(TokenMiddleware, token=token)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(_allowed_hosts(settings)))
-    app.add_middleware(SecurityHeadersMiddleware)
+    def __init__(self, index_folder: str | os.PathLike):
+        self.index = Index(index_folder)
+        self.lock = threading.Lock()
+        self._embedder: Any = None
 
-    @app.exception_handler(SoundsightError)
-    async def bad_input(_request: Request, err: SoundsightError) -> JSONResponse:
-        return JSONResponse({"error": "bad request", "detail": str(err)}, status_code=400)
+    def embedder(self) -> Any:
+        """The index's network; call with the lock held."""
+        from .search import embedder_for
 
-    def hits_json(hits, note: str = "", source: str = "") -> dict[str, Any]:
+        if self._embedder is None:
+            self._embedder = embedder_for(self.index)
+        return self._embedder
+
+    def hits_json(self, hits, note: str = "", source: str = "") -> dict[str, Any]:
+        """Search hits or suggestions as the page shows them, each with its verdicts."""
         verdicts: dict[int, dict[str, int]] = {}
         rows = [int(r) for r in hits["row"]]
         if rows:
             marks = ",".join("?" * len(rows))
-            for row, label, verdict in index.db.execute(
+            for row, label, verdict in self.index.db.execute(
                 f"SELECT row, label, verdict FROM labels WHERE row IN ({marks})", rows
             ):
                 verdicts.setdefault(row, {})[label] = verdict
@@ -141,133 +137,170 @@ def create_label_app(
             ],
         }
 
-    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
-    def page() -> HTMLResponse:
-        return HTMLResponse((STATIC / "label.html").read_text(encoding="utf-8"))
-
-    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")  # page.css
-
-    @app.get("/api/state")
-    def state() -> dict[str, Any]:
-        with lock:
-            files = index.files()
-            counts = index.db.execute(
-                "SELECT label, SUM(verdict), SUM(1 - verdict) FROM labels GROUP BY label "
-                "ORDER BY label"
-            ).fetchall()
-            return {
-                "index": str(index.folder),
-                "embedder": str(index.embedder),
-                "files": len(files),
-                "windows": index.count,
-                "hours": round(float(files["duration"].sum()) / 3600, 4),
-                "window_seconds": index.embedder.window_seconds,
-                "labels": [{"label": n, "yes": int(y), "no": int(no)} for n, y, no in counts],
-            }
-
-    @app.post("/api/search", dependencies=[Depends(_json_only)])
-    def search_json(body: SearchRequest) -> dict[str, Any]:
-        with lock:
-            if (body.row is None) == (body.label is None):
-                raise SearchError("search by a window (row) or by a label (one of them)")
-            if body.label is not None:
-                query = label_query(index, body.label)
-            else:
-                assert body.row is not None
-                window = index.windows([body.row]).iloc[0]
-                query = clip_query(index, window["file"], window["start"], window["end"])
-            return hits_json(nearest(index, query, body.top), query.note, query.source)
-
-    @app.post("/api/search/upload")
-    async def search_upload(
-        request: Request, top: Annotated[int, Query(ge=1, le=200)] = 20
-    ) -> dict[str, Any]:
-        data = bytearray()
-        async for chunk in request.stream():
-            data.extend(chunk)
-            if len(data) > MAX_QUERY_BYTES:
-                raise SearchError(f"the query is over {MAX_QUERY_BYTES // 1_000_000} MB")
-        if not data:
-            raise SearchError("send the query clip as the request body")
-
-        def run() -> dict[str, Any]:
-            from .search import embedder_for
-
-            with lock:
-                if not embedder:
-                    embedder.append(embedder_for(index))
-                query = clip_query(index, bytes(data), classifier=embedder[0])
-                return hits_json(nearest(index, query, top), query.note, "upload")
-
-        from starlette.concurrency import run_in_threadpool
-
-        return await run_in_threadpool(run)
-
-    def segment(row: int) -> tuple[np.ndarray, int]:
-        with lock:
-            window = index.windows([row]).iloc[0]
+    def segment(self, row: int) -> tuple[np.ndarray, int]:
+        """The audio of indexed window ``row``, read from its file."""
+        with self.lock:
+            window = self.index.windows([row]).iloc[0]
         try:
             return read_segment(window["file"], float(window["start"]), float(window["end"]))
         except AudioError as err:
             raise SearchError(f"window {row}: {err}") from None
 
-    @app.get("/api/window/{row}/audio")
-    def window_audio(row: int) -> Response:
-        import soundfile as sf
 
-        samples, rate = segment(row)
-        out = io.BytesIO()
-        sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
-        return Response(out.getvalue(), media_type="audio/wav")
+def _session(request: Request) -> LabelSession:
+    return request.app.state.session
 
-    @app.get("/api/window/{row}/image")
-    def window_image(row: int) -> Response:
-        import soxr
 
-        from .config import FeatureConfig
-        from .features import Featuriser
-        from .images import spectrogram_image
+Session = Annotated[LabelSession, Depends(_session)]
+#: The page's API; every route reaches the index through the app's :class:`LabelSession`.
+router = APIRouter()
 
-        samples, rate = segment(row)
-        if rate != THUMBNAIL_RATE:
-            samples = soxr.resample(samples, rate, THUMBNAIL_RATE).astype(np.float32)
-        features = FeatureConfig(sample_rate=THUMBNAIL_RATE)
-        db = Featuriser(features).log_mels([samples])[0]
-        out = io.BytesIO()
-        spectrogram_image(db, features.floor_db, size=None).save(out, format="PNG")
-        return Response(out.getvalue(), media_type="image/png")
 
-    @app.post("/api/label", dependencies=[Depends(_json_only)])
-    def label(body: LabelRequest) -> dict[str, Any]:
-        with lock:
-            event = index.label(body.row, body.label, body.verdict)
-            return {"event": event, "row": body.row, "verdict": body.verdict}
+@router.get("/", include_in_schema=False, response_class=HTMLResponse)
+def page() -> HTMLResponse:
+    return HTMLResponse((STATIC / "label.html").read_text(encoding="utf-8"))
 
-    @app.post("/api/undo", dependencies=[Depends(_json_only)])
-    def undo() -> dict[str, Any]:
-        with lock:
-            return {"undone": index.undo()}
 
-    @app.post("/api/train", dependencies=[Depends(_json_only)])
-    def train() -> dict[str, Any]:
-        from .labelling import train_heads
+@router.get("/api/state")
+def state(session: Session) -> dict[str, Any]:
+    index = session.index
+    with session.lock:
+        files = index.files()
+        counts = index.db.execute(
+            "SELECT label, SUM(verdict), SUM(1 - verdict) FROM labels GROUP BY label ORDER BY label"
+        ).fetchall()
+        return {
+            "index": str(index.folder),
+            "embedder": str(index.embedder),
+            "files": len(files),
+            "windows": index.count,
+            "hours": round(float(files["duration"].sum()) / 3600, 4),
+            "window_seconds": index.embedder.window_seconds,
+            "labels": [{"label": n, "yes": int(y), "no": int(no)} for n, y, no in counts],
+        }
 
-        with lock:
-            heads = train_heads(index)
-        return {"reports": [r.__dict__ for r in heads.reports]}
 
-    @app.get("/api/suggest")
-    def suggest_windows(
-        label: Annotated[str, Query(max_length=200)],
-        strategy: Annotated[str, Query(pattern="^(margin|top|random)$")] = "margin",
-        count: Annotated[int, Query(ge=1, le=100)] = 10,
-    ) -> dict[str, Any]:
-        from .labelling import suggest
+@router.post("/api/search", dependencies=[Depends(_json_only)])
+def search_json(body: SearchRequest, session: Session) -> dict[str, Any]:
+    index = session.index
+    with session.lock:
+        if (body.row is None) == (body.label is None):
+            raise SearchError("search by a window (row) or by a label (one of them)")
+        if body.label is not None:
+            query = label_query(index, body.label)
+        else:
+            assert body.row is not None
+            window = index.windows([body.row]).iloc[0]
+            query = clip_query(index, window["file"], window["start"], window["end"])
+        return session.hits_json(nearest(index, query, body.top), query.note, query.source)
 
-        with lock:
-            picks = suggest(index, label, count, strategy)
-            return hits_json(picks, source=f"suggestions ({strategy}) for {label!r}")
 
+@router.post("/api/search/upload")
+async def search_upload(
+    request: Request, session: Session, top: Annotated[int, Query(ge=1, le=200)] = 20
+) -> dict[str, Any]:
+    data = bytearray()
+    async for chunk in request.stream():
+        data.extend(chunk)
+        if len(data) > MAX_QUERY_BYTES:
+            raise SearchError(f"the query is over {MAX_QUERY_BYTES // 1_000_000} MB")
+    if not data:
+        raise SearchError("send the query clip as the request body")
+
+    def run() -> dict[str, Any]:
+        with session.lock:
+            query = clip_query(session.index, bytes(data), classifier=session.embedder())
+            return session.hits_json(nearest(session.index, query, top), query.note, "upload")
+
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(run)
+
+
+@router.get("/api/window/{row}/audio")
+def window_audio(row: int, session: Session) -> Response:
+    import soundfile as sf
+
+    samples, rate = session.segment(row)
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
+    return Response(out.getvalue(), media_type="audio/wav")
+
+
+@router.get("/api/window/{row}/image")
+def window_image(row: int, session: Session) -> Response:
+    import soxr
+
+    from .config import FeatureConfig
+    from .features import Featuriser
+    from .images import spectrogram_image
+
+    samples, rate = session.segment(row)
+    if rate != THUMBNAIL_RATE:
+        samples = soxr.resample(samples, rate, THUMBNAIL_RATE).astype(np.float32)
+    features = FeatureConfig(sample_rate=THUMBNAIL_RATE)
+    db = Featuriser(features).log_mels([samples])[0]
+    out = io.BytesIO()
+    spectrogram_image(db, features.floor_db, size=None).save(out, format="PNG")
+    return Response(out.getvalue(), media_type="image/png")
+
+
+@router.post("/api/label", dependencies=[Depends(_json_only)])
+def label(body: LabelRequest, session: Session) -> dict[str, Any]:
+    with session.lock:
+        event = session.index.label(body.row, body.label, body.verdict)
+        return {"event": event, "row": body.row, "verdict": body.verdict}
+
+
+@router.post("/api/undo", dependencies=[Depends(_json_only)])
+def undo(session: Session) -> dict[str, Any]:
+    with session.lock:
+        return {"undone": session.index.undo()}
+
+
+@router.post("/api/train", dependencies=[Depends(_json_only)])
+def train(session: Session) -> dict[str, Any]:
+    from .labelling import train_heads
+
+    with session.lock:
+        heads = train_heads(session.index)
+    return {"reports": [r.__dict__ for r in heads.reports]}
+
+
+@router.get("/api/suggest")
+def suggest_windows(
+    session: Session,
+    label: Annotated[str, Query(max_length=200)],
+    strategy: Annotated[str, Query(pattern="^(margin|top|random)$")] = "margin",
+    count: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict[str, Any]:
+    from .labelling import suggest
+
+    with session.lock:
+        picks = suggest(session.index, label, count, strategy)
+        return session.hits_json(picks, source=f"suggestions ({strategy}) for {label!r}")
+
+
+async def _bad_input(_request: Request, err: Exception) -> JSONResponse:
+    return JSONResponse({"error": "bad request", "detail": str(err)}, status_code=400)
+
+
+def create_label_app(
+    index_folder: str | os.PathLike,
+    settings: ServeConfig | None = None,
+    token: str | None = None,
+) -> FastAPI:
+    """The page's app over the index at ``index_folder`` (:class:`LabelSession`)."""
+    settings = settings or ServeConfig()
+    session = LabelSession(index_folder)
+    app = FastAPI(title="soundsight label", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.session = session
+    app.add_middleware(TokenMiddleware, token=token)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(_allowed_hosts(settings)))
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_exception_handler(SoundsightError, _bad_input)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")  # page.css
     return app
 
 

@@ -468,7 +468,8 @@ def test_server_allocator_settings_keep_scoring_free_of_page_faults(tiny_model, 
     """With serve's glibc thresholds, a request's buffers come from the heaps and stay
     there: scoring more clips faults in no new pages. (A low mmap threshold mapped every
     activation afresh, over 2,000 page faults per 5-s clip and twice the CPU per
-    request.) Run in a subprocess: the settings are process-wide."""
+    request; so did one pass of all eight 1-s windows, which is why the server scores
+    4 per pass.) Run in a subprocess: the settings are process-wide."""
     script = f"""
 import resource
 from soundsight.audio import load_clip
@@ -477,8 +478,8 @@ from soundsight.serving import unmap_large_buffers
 assert unmap_large_buffers()
 classifier = Classifier.load({str(tiny_model)!r})
 wave = load_clip({str(esc_clips[0])!r}, classifier.features.sample_rate)
-def score():
-    classifier.probabilities([classifier.log_mel(wave)])
+def score():  # what serve asks of the classifier per request
+    classifier.analyse(wave)
 for _ in range(3):
     score()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

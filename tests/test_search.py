@@ -143,6 +143,29 @@ def test_clip_query_is_embedded_padded_and_finds_its_indexed_copy(built, audio, 
     assert hits_bytes["row"].tolist() == hits["row"].tolist()
 
 
+def test_per_file_search_ranks_whole_files(built, audio, tmp_path):
+    files = Index(built).files()
+    # An indexed file is its own nearest file, at distance 0, once: one row per file.
+    hits, _ = search(built, str(audio["long"]), top=10, per_file=True)
+    assert hits["file"].iloc[0] == str(audio["long"].resolve())
+    assert hits["distance"].iloc[0] == pytest.approx(0, abs=1e-5)
+    assert hits["file"].is_unique and len(hits) == len(files)
+    assert hits["distance"].is_monotonic_increasing
+    long = files.set_index("path").loc[str(audio["long"].resolve())]
+    assert (hits["start"].iloc[0], hits["end"].iloc[0]) == (0.0, long["duration"])
+    assert hits["row"].iloc[0] == long["first_row"]
+    # A clip from outside is embedded, and finds the file it is a copy of.
+    outside = tmp_path / "elsewhere.wav"
+    shutil.copy(audio["singles"][1], outside)
+    hits, _ = search(built, str(outside), top=1, per_file=True)
+    assert hits["file"].tolist() == [str(audio["singles"][1].resolve())]
+    assert hits["distance"].iloc[0] < 0.01
+    index = _copy(built, tmp_path)
+    Index(index).label(0, "dog", "yes")
+    with pytest.raises(SearchError, match="per-file search takes a clip query"):
+        search(index, label="dog", per_file=True)
+
+
 def test_search_of_an_esc_clip_lands_in_its_span(built, audio, esc_clips, tmp_path):
     source, start, end = audio["spans"][2]
     outside = tmp_path / source.name
@@ -357,6 +380,9 @@ def test_cli_index_search_export(run_cli, audio, tmp_path):
     code, stdout, stderr = run_cli("search", out, outside, "--top", "2")
     assert code == 0 and audio["singles"][0].name in stdout.splitlines()[1]
     assert "padded" in stderr
+    code, stdout, _ = run_cli("search", out, outside, "--per-file")
+    assert code == 0 and len(stdout.splitlines()) == 1 + 3  # header + one row per file
+    assert audio["singles"][0].name in stdout.splitlines()[1]
     code, _, stderr = run_cli("search", tmp_path, audio["singles"][0])
     assert code == 2 and "not a soundsight index" in stderr
     code, _, stderr = run_cli("search", out, "--label", "nothing")

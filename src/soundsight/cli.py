@@ -978,7 +978,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.label is None):
         raise SoundsightError("give a QUERY clip or --label LABEL (one of them)")
     hits, query = search(
-        args.index, args.query, args.top, args.start, args.end, args.label, args.model
+        args.index,
+        args.query,
+        args.top,
+        args.start,
+        args.end,
+        args.label,
+        args.model,
+        per_file=args.per_file,
     )
     if query.note:
         print(f"note: {query.note}", file=sys.stderr)
@@ -1060,6 +1067,11 @@ def _args_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", help="query: the centroid of the windows labelled LABEL")
     p.add_argument("--top", type=_positive_int, default=20, help="hits (default 20)")
     p.add_argument("--model", help="the model file the index was built with (checked)")
+    p.add_argument(
+        "--per-file",
+        action="store_true",
+        help="rank whole files (each as the maximum of its windows' embeddings), not windows",
+    )
     p.add_argument("--out", help="write the hits as CSV (default: print)")
 
 

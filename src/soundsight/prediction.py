@@ -28,13 +28,19 @@ from .models import SoundNet, fold_batch_norms, window_scores
 from .runtime import answer, top_labels
 from .runtime import submission as submission  # with the torch-free runtime: one CSV
 
-#: Windows scored per forward pass on a CPU. Small batches win (activations stay in
-#: cache): on ESC-50 (3-s windows, 2 per clip, 2 cores) 4 windows gave 75 clips/s, 2
-#: gave 61, 8 gave 56. One pass of all eight 1-s windows of a 5-s clip is faster alone
-#: (27.8 against 31.8 ms, 1 thread), but its activations outgrow the server's 16 MB
-#: glibc mmap threshold, so every request maps them afresh (4,226 page faults per clip,
-#: tests/test_hostile_server.py): 4 is kept.
-WINDOWS_PER_BATCH = 4
+#: Window frames (columns) scored per forward pass on a CPU: windows per pass are this
+#: over the window's width. Small batches win (activations stay in cache), and what
+#: fits is an amount of image, not a number of windows: on ESC-50 (3-s windows of 258
+#: frames, 2 windows per clip, 2 cores) 4 windows gave 75 clips/s, 2 gave 61, 8 gave
+#: 56; 1-s windows (86 frames) score a 5-s clip's 8 in one pass in 27.8 ms, in two
+#: passes of 4 in 31.8 ms (1 thread; the two passes made ``predict`` 14% slower).
+FRAMES_PER_BATCH = 4 * 258
+
+#: Windows per forward pass in the server (:meth:`Classifier.analyse`), whatever their
+#: width: eight 1-s windows' activations outgrow serve's 16 MB glibc mmap threshold
+#: (:mod:`soundsight.serving` sets it to bound memory under load), so every request
+#: would map them afresh (4,226 page faults per clip, tests/test_hostile_server.py).
+SERVE_WINDOWS_PER_BATCH = 4
 
 
 #: Recordings longer than this (seconds, from their header) are featurised and scored
@@ -63,7 +69,7 @@ def score_windows(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Score clips given as their evaluation windows, each clip an iterable of window
     arrays ``(k, n_mels, frames)``: windows of consecutive clips share forward passes
-    of about ``windows_per_batch`` (None: :data:`WINDOWS_PER_BATCH`),
+    of about ``windows_per_batch`` (None: as many as :data:`FRAMES_PER_BATCH` holds),
     and each clip gets the mean of its windows' probabilities (and, with ``embed``, of
     their penultimate embeddings).
 
@@ -100,7 +106,7 @@ def score_windows(
     with torch.inference_mode(), flush_denormals():
         for clip, chunks in enumerate(clips):
             for windows in chunks:
-                per_pass = windows_per_batch or WINDOWS_PER_BATCH
+                per_pass = windows_per_batch or max(1, FRAMES_PER_BATCH // windows.shape[-1])
                 for start in range(0, len(windows), per_pass):
                     pending.append(windows[start : start + per_pass])
                     owners.extend([clip] * len(pending[-1]))
@@ -215,11 +221,14 @@ class Classifier:
         return self.featurise(clip, max_duration)
 
     def score(
-        self, log_mels: Iterable[np.ndarray], embed: bool = False
+        self,
+        log_mels: Iterable[np.ndarray],
+        embed: bool = False,
+        windows_per_batch: int | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Per clip, in order: probabilities and (with ``embed``) the embedding; see
         :func:`score_log_mels`."""
-        return score_log_mels(self.net, self.view, log_mels, embed)
+        return score_log_mels(self.net, self.view, log_mels, embed, windows_per_batch)
 
     def probabilities(self, log_mels: Iterable[np.ndarray]) -> np.ndarray:
         """Class probabilities ``(clips, labels)`` of log-mels, windows averaged."""
@@ -253,7 +262,8 @@ class Classifier:
         classes (:class:`~soundsight.runtime.ClipScorer`, what the server asks of either
         runtime)."""
         db = self.log_mel(clip)
-        probabilities, embedding = next(self.score([db], embed=self.needs_embeddings))
+        scored = self.score([db], self.needs_embeddings, SERVE_WINDOWS_PER_BATCH)
+        probabilities, embedding = next(scored)
         return probabilities, db, bool(self.known(probabilities, embedding)[0])
 
     def spectrogram_png(self, db: np.ndarray) -> bytes:

@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from bench_serve import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 ESC = ROOT.parent / "shared" / "datasets" / "esc50-fold2"
 OUT = ROOT / "benchmarks" / "results" / "label_page.png"
 CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -73,13 +68,14 @@ def main() -> int:
             page.fill("#label", "dog")
             page.set_input_files("#query-file", str(query))
             page.locator("#hits li").first.wait_for(timeout=60_000)
-            hits = page.locator("#hits li")
+            hits, reader = page.locator("#hits li"), Index(index)
             for k in range(4):  # answered as ESC-50's metadata says, as a user would
                 hit = hits.nth(k)
-                name = Path(Index(index).windows([int(hit.get_attribute("data-row"))]).file[0])
+                name = Path(reader.windows([int(hit.get_attribute("data-row"))]).file[0])
                 verdict = "button.yes" if category[name.name] == "dog" else "button.no"
                 hit.locator(verdict).click()
                 page.locator("#status:has-text('(saved)')").wait_for(timeout=10_000)
+            reader.close()
             page.click("#train")
             page.locator("#heads-card").wait_for(timeout=60_000)
             page.wait_for_timeout(1500)  # the thumbnails in view

@@ -8,15 +8,20 @@
   splits); a model trained on known classes; per rejection score, AUROC known-vs-unknown
   and the share of unknown clips accepted at the threshold that keeps 95% of known
   validation clips, against plain (uncalibrated) max-softmax;
-- across domains: the FSDD model on the 414 ESC clips, at its stored threshold and at
-  the one that keeps 95% of the FSDD test side;
+- across domains: an FSDD model on the 414 ESC clips, at its stored threshold and at
+  the one that keeps 95% of the FSDD test side: the one trained above (on the training
+  side less a hold-out), and (phase ``default``) the default model that ``make run``
+  trains (``--default-model``);
+- beside each ECE, the ECE a perfectly calibrated model would show on the same clips
+  (:func:`soundsight.calibration.ece_noise_floor`), and for ESC the ECE pooled over
+  every clip of the CV (each scored by the fold model that never saw it);
 - wall time of ``soundsight learning-curve`` on ESC fold 2 (with the load average).
 
 Accuracy-type figures do not depend on the machine's load; run them under
 ``nice -n 19``. ``--quick`` runs every phase on a few clips with one epoch (a check
 that the script works, not a measurement).
 
-Usage: ``python benchmarks/bench_scores.py [--quick] [--phases fsdd,esc,open,curve]``.
+Usage: ``python benchmarks/bench_scores.py [--quick] [--phases fsdd,default,esc,open,curve]``.
 Writes (merges into) benchmarks/results/scores.json.
 """
 
@@ -37,6 +42,7 @@ import soundsight as ss
 from soundsight.calibration import (
     DEFAULT_KEEP,
     class_centroids,
+    ece_noise_floor,
     expected_calibration_error,
     rejection_scores,
     threshold_for_keep,
@@ -45,7 +51,8 @@ from soundsight.evaluation import holdout, make_folds
 from soundsight.prediction import Classifier
 from soundsight.training import TrainConfig, train
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Scores compared: the two of soundsight.calibration, and plain max-softmax (T = 1).
 SCORES = ("max_probability", "centroid_cosine", "max_softmax_uncalibrated")
@@ -110,13 +117,20 @@ def _centroids(classifier: Classifier, clips: pd.DataFrame) -> np.ndarray:
 
 
 def _ece(classifier: Classifier, clips: pd.DataFrame, temperature: float) -> tuple[float, float]:
-    # A class whose clips all fall on the validation side is not in the model (training
-    # leaves those clips out, with a warning); they are left out here too.
-    clips = clips[clips["label"].isin(classifier.labels)]
-    probabilities, _ = _outputs(classifier, clips["path"], temperature)
-    targets = _targets(classifier, clips["label"])
+    probabilities, targets = _scored(classifier, clips, temperature)
     accuracy = float((probabilities.argmax(1) == targets).mean())
     return expected_calibration_error(probabilities, targets), accuracy
+
+
+def _scored(
+    classifier: Classifier, clips: pd.DataFrame, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities at ``temperature`` and label numbers of the clips whose label the
+    model has: a class whose clips all fall on the validation side is not in the model
+    (training leaves those clips out, with a warning); they are left out here too."""
+    clips = clips[clips["label"].isin(classifier.labels)]
+    probabilities, _ = _outputs(classifier, clips["path"], temperature)
+    return probabilities, _targets(classifier, clips["label"])
 
 
 def bench_fsdd(work: Path, quick: bool) -> tuple[dict, Classifier, pd.DataFrame]:
@@ -140,6 +154,9 @@ def bench_fsdd(work: Path, quick: bool) -> tuple[dict, Classifier, pd.DataFrame]
             "calibration_on_validation": classifier.spec.calibration,
             "test_ece_before": before,
             "test_ece_after": after,
+            "test_ece_floor": ece_noise_floor(
+                _scored(classifier, test, classifier.spec.temperature)[0]
+            ),
             "test_accuracy_before": accuracy_before,
             "test_accuracy_after": accuracy_after,
             "rejection": {k: v for k, v in classifier.spec.rejection.items() if k != "centroids"},
@@ -200,12 +217,14 @@ def bench_esc_calibration(work: Path, quick: bool) -> dict:
             ).model_path
         runs.append((Classifier.load(model), clips[mask]))
     temperatures = [c.spec.temperature for c, _ in runs]
-    rows = []
+    rows, pooled = [], []
     for k, (classifier, valid) in enumerate(runs):
         others = np.exp(np.mean(np.log(np.delete(temperatures, k))))
         before, accuracy_before = _ece(classifier, valid, 1.0)
         after, accuracy_after = _ece(classifier, valid, temperatures[k])
         crossed, _ = _ece(classifier, valid, float(others))
+        probabilities, targets = _scored(classifier, valid, temperatures[k])
+        pooled.append((probabilities, classifier.labels, np.asarray(classifier.labels)[targets]))
         rows.append(
             {
                 "fold": k,
@@ -214,6 +233,8 @@ def bench_esc_calibration(work: Path, quick: bool) -> dict:
                 "ece_before": before,
                 "ece_after": after,
                 "ece_cross_fitted": crossed,
+                # What a perfectly calibrated model would measure on this fold's clips.
+                "ece_floor": ece_noise_floor(probabilities),
                 "accuracy_before": accuracy_before,
                 "accuracy_after": accuracy_after,
             }
@@ -224,7 +245,28 @@ def bench_esc_calibration(work: Path, quick: bool) -> dict:
         for key in frame.columns
         if key not in ("fold", "clips")
     }
-    return {"folds": rows, "summary": summary}
+    return {"folds": rows, "summary": summary, "pooled": _pooled_ece(pooled)}
+
+
+def _pooled_ece(folds: list[tuple[np.ndarray, list[str], np.ndarray]]) -> dict:
+    """ECE over every clip of the CV, each scored by the fold model that did not train
+    on it (at that model's temperature), and its noise floor: 5 times the clips of one
+    fold, so a far smaller floor. Folds whose models lack a label (too few clips of it)
+    have fewer columns; columns are aligned on the label names."""
+    labels = sorted({label for _, names, _ in folds for label in names})
+    rows, truth = [], []
+    for probabilities, names, targets in folds:
+        aligned = np.zeros((len(probabilities), len(labels)))
+        aligned[:, [labels.index(n) for n in names]] = probabilities
+        rows.append(aligned)
+        truth.append([labels.index(t) for t in targets])
+    probabilities, targets = np.concatenate(rows), np.concatenate(truth)
+    return {
+        "clips": len(targets),
+        "ece_after": expected_calibration_error(probabilities, targets),
+        "ece_floor": ece_noise_floor(probabilities),
+        "accuracy": float((probabilities.argmax(1) == targets).mean()),
+    }
 
 
 def bench_open_set(work: Path, quick: bool, splits: int = 5) -> dict:
@@ -306,7 +348,13 @@ def main() -> None:
     global EPOCHS
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few clips, one epoch")
-    parser.add_argument("--phases", default="fsdd,esc,open,curve")
+    parser.add_argument("--phases", default="fsdd,default,esc,open,curve")
+    parser.add_argument(
+        "--default-model",
+        default=str(ROOT / "runs" / "fsdd" / "model.safetensors"),
+        help="the default FSDD model for phase 'default' (what `make run` trains: the "
+        "whole training side, validated on the test side)",
+    )
     parser.add_argument("--work", help="folder for runs and cache (default: a temp folder)")
     parser.add_argument("--out", help="results file (default results/scores.json; --quick: work)")
     parser.add_argument(
@@ -342,6 +390,15 @@ def main() -> None:
         fsdd, classifier, fit = bench_fsdd(work, args.quick)
         save("fsdd_calibration", fsdd)
         save("cross_domain_fsdd_model_on_esc", bench_cross_domain(classifier, fit, args.quick))
+    if "default" in phases:
+        model = Path(args.default_model)
+        if not model.is_file():
+            parser.error(f"--default-model {model} is missing: `make run` writes it")
+        fit = ss.load_dataset(DATASETS / "fsdd", "fsdd", "train")
+        save(
+            "cross_domain_default_model_on_esc",
+            {"model": str(model), **bench_cross_domain(Classifier.load(model), fit, args.quick)},
+        )
     if "esc" in phases:
         save("esc_cv_calibration", bench_esc_calibration(work, args.quick))
     if "open" in phases:

@@ -22,6 +22,7 @@ from soundsight.calibration import (
     Rejection,
     calibrate,
     check_keep,
+    ece_noise_floor,
     expected_calibration_error,
     reliability,
     threshold_for_keep,
@@ -58,6 +59,27 @@ def test_ece_and_reliability_on_known_cases():
     table = reliability(sure, np.array([0, 0, 0, 1]))
     assert len(table) == 15 and table["clips"].sum() == 4
     assert table.loc[table["clips"] > 0, "accuracy"].item() == pytest.approx(0.75)
+
+
+def test_ece_noise_floor_is_what_a_calibrated_model_measures_on_that_many_clips():
+    rng = np.random.default_rng(1)
+    confidence = rng.uniform(0.3, 0.95, 2000)
+    probabilities = np.stack([confidence, 1 - confidence], axis=1)
+    floors = {n: ece_noise_floor(probabilities[:n]) for n in (80, 400, 2000)}
+    # Sampling noise shrinks with the clips, about as 1/sqrt(n); on 80 clips it alone
+    # is far above a 0.03 goal.
+    assert floors[80] > floors[400] > floors[2000] and floors[80] > 0.08
+    assert floors[80] / floors[2000] == pytest.approx(5, rel=0.3)
+    # Labels drawn from the model's own probabilities: the measured ECE is the floor,
+    # not zero; the same labels made all wrong are far above it.
+    measured = []
+    for seed in range(200):
+        right = np.random.default_rng(seed).random(80) < confidence[:80]
+        measured.append(expected_calibration_error(probabilities[:80], np.where(right, 0, 1)))
+    assert np.mean(measured) == pytest.approx(floors[80], rel=0.1)
+    wrong = 1 - probabilities[:80].argmax(axis=1)
+    assert expected_calibration_error(probabilities[:80], wrong) > 5 * floors[80]
+    assert ece_noise_floor(probabilities[:0]) == 0.0
 
 
 def test_threshold_keeps_the_stated_share_and_keep_is_checked():
@@ -263,6 +285,7 @@ def test_report_shows_ece_before_after_and_the_reliability_diagram(tiny_model, t
     spec = read_spec(run / "model.safetensors")
     assert "ECE before" in page and "ECE after" in page
     assert f"{spec.calibration['ece_after']:.4f}" in page
+    assert f"{spec.calibration['ece_floor']:.4f}" in page
     assert "reliability diagram before and after temperature scaling" in page
     assert (run / "reliability.png").is_file()
 

@@ -308,7 +308,11 @@ def _calibration(run: RunData) -> list[tuple[str, str]]:
     spec, rows = run.spec, [("temperature", f"{run.spec.temperature:.3f}")]
     if "clips" in spec.calibration:
         rows.append(("validation clips", str(spec.calibration["clips"])))
-    for key, name in (("ece_before", "ECE before"), ("ece_after", "ECE after")):
+    for key, name in (
+        ("ece_before", "ECE before"),
+        ("ece_after", "ECE after"),
+        ("ece_floor", "ECE a perfectly calibrated model would show on these clips"),
+    ):
         if key in spec.calibration:
             rows.append((name, f"{spec.calibration[key]:.4f}"))
     rejection = spec.rejection

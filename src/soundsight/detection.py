@@ -195,7 +195,13 @@ def timeline(
         total=len(starts), desc=f"detect {name}".strip(), unit="window", disable=not progress
     ) as bar:
         scored = score_each_window(classifier, frames, pooled.tap(blocks), starts, bar=bar)
-        rows = [p for p, _ in scored]
+        # Filled in place rather than collecting each window's row (a small array
+        # backed by its own torch tensor, 14,400 an hour at a 0.25-s hop): holding
+        # those made the peak RSS grow with the recording, 1,114 MB at 10 min and
+        # 1,134 MB at 40 min of ESC audio (ESC model); filled in place, 1,113 MB at 40.
+        probabilities = np.empty((len(starts), len(classifier.labels)), np.float32)
+        for row, (window, _) in enumerate(scored):
+            probabilities[row] = window
     duration = features.frames_to_seconds(frames)
     if frames <= view.frames:
         centres = np.array([duration / 2])
@@ -204,7 +210,7 @@ def timeline(
     return Timeline(
         labels=list(classifier.labels),
         centres=np.asarray(centres, np.float64),
-        probabilities=np.stack(rows).astype(np.float32),
+        probabilities=probabilities,
         duration=float(duration),
         window_seconds=float(features.frames_to_seconds(view.frames)),
         spectrogram=pooled.result(),

@@ -677,6 +677,14 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     for name, problem in offline_status().items():
         where = OFFLINE_BACKBONES[name].origin
         print(f"{name:<24} {'offline' if not problem else 'missing'}  {problem or where}")
+    from .birdnet import BirdnetMissingError, model_path
+
+    try:
+        where, problem = f"{model_path()} (frozen only; CC BY-NC-SA 4.0, non-commercial)", ""
+    except BirdnetMissingError as err:
+        problem = str(err)
+    print(f"{'birdnet':<24} {'offline' if not problem else 'missing'}  {problem or where}")
+    print("a '+' list of these (aisfx+birdnet) trains frozen embeddings and a logistic head")
     print(
         "any other timm model name (e.g. resnet34) loads its ImageNet weights from the "
         "Hugging Face hub (network needed), or from --weights PATH"

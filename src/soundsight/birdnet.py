@@ -106,14 +106,6 @@ def check_licence(accept: str | None = None) -> None:
     )
 
 
-def licence_accepted(accept: str | None = None) -> bool:
-    try:
-        check_licence(accept)
-    except LicenceError:
-        return False
-    return True
-
-
 def clip_windows(waveform: np.ndarray) -> np.ndarray:
     """A 48-kHz mono waveform -> its non-overlapping 3-s windows ``(n, 144000)``: the
     last partial window zero-padded when it holds at least :data:`MIN_TAIL_SAMPLES`,

@@ -245,6 +245,8 @@ def clip_vectors(
                 store.vector(path) if store is not None else part.embed(path)
                 for part, store in zip(parts, caches, strict=True)
             ]
+        except birdnet.BirdnetMissingError:
+            raise  # the installation, not this clip: every clip would fail the same way
         except (SoundsightError, OSError) as err:  # decoding: AudioError names the file
             failures.append((str(path), getattr(err, "reason", None) or str(err)))
             continue

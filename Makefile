@@ -10,7 +10,7 @@ LOCK_CONSTRAINTS := requirements/constraints.txt
 .PHONY: install check-lock lock run test test-fast test-latest lint typecheck bench
 
 install: check-lock
-	$(PYTHON) -m pip install --quiet -c $(LOCK) -e '.[train,dev]'
+	$(PYTHON) -m pip install --quiet -c $(LOCK) -e '.[train,dev,birdnet]'
 	$(PYTHON) -m soundsight.weights
 	@if [ -x scripts/install-system-deps.sh ]; then bash scripts/install-system-deps.sh; fi
 
@@ -44,7 +44,7 @@ test-latest:
 	trap 'rm -rf "$$venv"' EXIT; \
 	$(PYTHON) -m venv "$$venv"; \
 	"$$venv/bin/python" -m pip install --quiet --upgrade pip; \
-	"$$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[train,dev]'; \
+	"$$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[train,dev,birdnet]'; \
 	"$$venv/bin/python" -m pip list --format=freeze > "$$venv/versions.txt"; \
 	echo "test-latest: $$(wc -l < "$$venv/versions.txt") packages, e.g."; \
 	grep -iE '^(torch|timm|lightning|numpy|pytest|schemathesis)==' "$$venv/versions.txt"; \

@@ -200,7 +200,8 @@ def cmd_export_images(args: argparse.Namespace) -> int:
 #: fields (:func:`_add_config_flags`), so a new field is a new flag with no other edit.
 MODEL_HELP = {
     "backbone": "a backbone of `soundsight backbones` (offline) or any timm model name, "
-    "e.g. resnet34 (hub)",
+    "e.g. resnet34 (hub); birdnet or a '+' list (aisfx+birdnet): frozen embeddings and a "
+    "logistic-regression head",
     "weights": "'default' (offline ImageNet checkpoint, else the hub), 'hub', 'none', "
     "or a .pth/.safetensors file",
     "encoding": f"log-mel to RGB: {', '.join(ENCODINGS)}",
@@ -333,12 +334,15 @@ def _train_valid(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .frozen import is_frozen_backbone
     from .layouts import is_multi_label
     from .report import plot_run
     from .training import is_global_zero, train
 
     clips, valid = _train_valid(args)
     model, config = _recipe(args)
+    if is_frozen_backbone(model.backbone):
+        return _train_frozen(args, clips, valid, model.backbone, config.seed)
     if args.mix_probability is not None and not (config.multi_label or is_multi_label(clips)):
         raise SoundsightError(
             "--mix-probability is for multi-label training: give --multi-label, or a "
@@ -370,6 +374,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(soundsight report {args.out} makes report.html)"
     )
     return 0
+
+
+def _train_frozen(args: argparse.Namespace, clips, valid, backbone: str, seed: int) -> int:
+    """``train --backbone birdnet`` or a ``+`` list: frozen embeddings + logistic
+    regression (:func:`soundsight.frozen.train_frozen`)."""
+    from .frozen import train_frozen
+
+    result = train_frozen(
+        clips,
+        args.out,
+        backbone,
+        valid=valid,
+        cache=args.cache,
+        accept_licence=args.accept_licence,
+        seed=seed,
+    )
+    _print_scores("validation", result.metrics)
+    print(f"model written to {result.model_path} (frozen {backbone} embeddings + logistic head)")
+    return _report_failures(result.failures)
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
@@ -491,6 +514,7 @@ def _evaluate_events(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .frozen import FrozenClassifier
     from .layouts import DatasetError, audio_files, load_dataset
     from .runtime import OnnxClassifier, load_classifier, submission
     from .tables import write_csv
@@ -511,7 +535,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "label per clip: use --top-k, and its 'unknown' threshold)"
         )
     _print_notice(spec.notice)
-    if isinstance(classifier, OnnxClassifier):
+    frozen = isinstance(classifier, FrozenClassifier)
+    if isinstance(classifier, OnnxClassifier | FrozenClassifier):
         frame, failures = classifier.predict_files(paths)
     else:
         frame, failures = classifier.predict_files(paths, workers=args.workers)
@@ -522,7 +547,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             [args.threshold] * len(spec.labels) if args.threshold is not None else spec.thresholds
         )
     elif not args.no_unknown:
-        if classifier.rejection is None:
+        if classifier.rejection is None and not frozen:
             print(
                 f"note: {args.model} has no 'unknown' threshold (trained before it existed, "
                 "or on too few validation clips): every file gets a known label",
@@ -652,6 +677,14 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     for name, problem in offline_status().items():
         where = OFFLINE_BACKBONES[name].origin
         print(f"{name:<24} {'offline' if not problem else 'missing'}  {problem or where}")
+    from .birdnet import BirdnetMissingError, model_path
+
+    try:
+        where, problem = f"{model_path()} (frozen only; CC BY-NC-SA 4.0, non-commercial)", ""
+    except BirdnetMissingError as err:
+        problem = str(err)
+    print(f"{'birdnet':<24} {'offline' if not problem else 'missing'}  {problem or where}")
+    print("a '+' list of these (aisfx+birdnet) trains frozen embeddings and a logistic head")
     print(
         "any other timm model name (e.g. resnet34) loads its ImageNet weights from the "
         "Hugging Face hub (network needed), or from --weights PATH"
@@ -763,6 +796,12 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     _add_training_args(p)
     _add_feature_args(p)
     _add_score_args(p)
+    p.add_argument(
+        "--accept-licence",
+        metavar="LICENCE",
+        help="accept the licence of a backbone that needs it: cc-by-nc-sa-4.0 for birdnet "
+        "(BirdNET V2.4: non-commercial, share-alike; or set SOUNDSIGHT_ACCEPT_LICENCE)",
+    )
 
 
 def _args_lr_find(p: argparse.ArgumentParser) -> None:

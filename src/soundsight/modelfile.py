@@ -16,9 +16,11 @@ changing predictions; older files without it still load.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,9 @@ METADATA_KEY = "soundsight"
 #: Metadata key of the SHA-256 over the record and the tensors (see :func:`_digest`).
 DIGEST_KEY = "soundsight_sha256"
 MODEL_FORMAT = 1
+#: The header's ``kind`` of a frozen-embedding model (:class:`FrozenSpec`); a header
+#: without ``kind`` is a network's (:class:`ModelSpec`).
+FROZEN_KIND = "frozen"
 #: More labels than this is not a label set but a mistake (or an attack on memory).
 MAX_LABELS = 100_000
 
@@ -131,26 +136,17 @@ class ModelSpec:
             )
         if record.get("format") != MODEL_FORMAT:
             raise ModelFileError(f"{source}: model format {record.get('format')!r} not supported")
+        if record.get("kind") == FROZEN_KIND:
+            raise ModelFileError(
+                f"{source}: a frozen-embedding model ({record.get('backbone', '?')}): "
+                "`soundsight predict` and `soundsight evaluate` run it; serve, detect, "
+                "report, export and fine-tuning do not (yet)"
+            )
         for name in ("labels", "features", "model"):
             if name not in record:
                 raise ModelFileError(f"{source}: header has no {name!r} field")
-        labels = record["labels"]
-        if (
-            not isinstance(labels, list)
-            or not 1 <= len(labels) <= MAX_LABELS
-            or not all(isinstance(label, str) and label for label in labels)
-        ):
-            raise ModelFileError(
-                f"{source}: field 'labels' must be a list of 1 to {MAX_LABELS} non-empty strings"
-            )
-        if len(set(labels)) != len(labels):
-            raise ModelFileError(f"{source}: field 'labels' names a label twice")
-        for name in ("train", "metrics"):
-            if not isinstance(record.get(name, {}), dict):
-                raise ModelFileError(f"{source}: field {name!r} must be a JSON object")
-        metrics = record.get("metrics", {})
-        if not all(isinstance(v, int | float) for v in metrics.values()):
-            raise ModelFileError(f"{source}: field 'metrics' must map names to numbers")
+        labels = _labels(record, source)
+        metrics = _train_and_metrics(record, source)
         if not isinstance(record.get("notice", ""), str):
             raise ModelFileError(f"{source}: field 'notice' must be a string")
         return cls(
@@ -158,11 +154,37 @@ class ModelSpec:
             features=_config(FeatureConfig, record["features"], "features", source),
             model=_config(ModelConfig, record["model"], "model", source),
             train=dict(record.get("train", {})),
-            metrics=dict(metrics),
+            metrics=metrics,
             notice=record.get("notice", ""),
             **_scores_meaning(record, source),
             **_multi_label(record, len(labels), source),
         )
+
+
+def _labels(record: dict, source: str | os.PathLike) -> list[str]:
+    labels = record["labels"]
+    if (
+        not isinstance(labels, list)
+        or not 1 <= len(labels) <= MAX_LABELS
+        or not all(isinstance(label, str) and label for label in labels)
+    ):
+        raise ModelFileError(
+            f"{source}: field 'labels' must be a list of 1 to {MAX_LABELS} non-empty strings"
+        )
+    if len(set(labels)) != len(labels):
+        raise ModelFileError(f"{source}: field 'labels' names a label twice")
+    return labels
+
+
+def _train_and_metrics(record: dict, source: str | os.PathLike) -> dict[str, float]:
+    """The ``metrics`` (names to numbers), once ``train`` and ``metrics`` are objects."""
+    for name in ("train", "metrics"):
+        if not isinstance(record.get(name, {}), dict):
+            raise ModelFileError(f"{source}: field {name!r} must be a JSON object")
+    metrics = record.get("metrics", {})
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()):
+        raise ModelFileError(f"{source}: field 'metrics' must map names to numbers")
+    return dict(metrics)
 
 
 def _multi_label(record: dict, labels: int, source: str | os.PathLike) -> dict[str, Any]:
@@ -250,10 +272,13 @@ def _digest(record: str, tensors: dict[str, torch.Tensor]) -> str:
 
 def save_model_file(path: str | os.PathLike, net: SoundNet, spec: ModelSpec) -> Path:
     """Write ``net``'s backbone weights and ``spec`` into one file, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
+    return _save(path, tensors, spec.to_json())
+
+
+def _save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], record: str) -> Path:
     from safetensors.torch import save
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
-    record = spec.to_json()
     header = {METADATA_KEY: record, DIGEST_KEY: _digest(record, tensors)}
     return write_whole(path, lambda file: file.write(save(tensors, metadata=header)))
 
@@ -286,12 +311,17 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
     a header field of the wrong type or out of range, or a header that no longer
     matches the weights it was saved with.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     header = _header(path)
     spec = ModelSpec.from_json(header[METADATA_KEY], path)
+    return _tensors(path, header), spec
+
+
+def _tensors(path: Path, header: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of a model file whose header was read, checked against its checksum."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -301,7 +331,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
             f"{path}: header or weights changed after the model was saved (checksum "
             "mismatch); retrain, or restore the original file"
         )
-    return tensors, spec
+    return tensors
 
 
 def check_fits(path: str | os.PathLike, net: torch.nn.Module, tensors: dict) -> None:
@@ -319,3 +349,242 @@ def check_fits(path: str | os.PathLike, net: torch.nn.Module, tensors: dict) -> 
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise ModelFileError(f"{path}: weights hold tensors the backbone lacks: {unexpected[:3]}")
+
+
+# ------------------------------------------------------------ frozen-embedding models
+
+#: The tensors of a frozen-embedding model: the StandardScaler's ``mean`` and ``scale``
+#: (D,), the logistic regression's ``coef`` (labels, D) and ``intercept`` (labels,).
+FROZEN_TENSORS = ("mean", "scale", "coef", "intercept")
+#: Widest clip vector a frozen model may ask for (the widest part, Lite2, is 1408).
+MAX_EMBEDDING_DIM = 65_536
+_PART_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+_DIGEST = re.compile(r"^[0-9a-f]{12}$")
+
+
+@dataclass(frozen=True)
+class FrozenPart:
+    """One frozen backbone of a frozen-embedding model: its name, embedding width and
+    the digest of its configuration (model version, front end, windows), which must
+    match the installed part's at load."""
+
+    name: str
+    dim: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class FrozenSpec:
+    """Everything a frozen-embedding model (:mod:`soundsight.frozen`) is besides its
+    four tensors (:data:`FROZEN_TENSORS`).
+
+    Attributes
+    ----------
+    labels : tuple of str
+        Class names, in the order of the head's rows.
+    parts : tuple of FrozenPart
+        The backbones whose clip embeddings are concatenated, in order.
+    notices : tuple of str
+        The parts' licence notices (attribution, BirdNET's non-commercial terms).
+    licences : tuple of str
+        SPDX identifiers of the parts' weights (``CC-BY-NC-SA-4.0`` for BirdNET).
+    versions : dict
+        Package versions the model was built with (soundsight, scikit-learn, ...).
+    head : dict
+        The head's recipe: ``C``, ``max_iter``.
+    train : dict
+        What it was trained on (clips, seconds...), for the record.
+    metrics : dict
+        Validation scores (``accuracy``, ``map3``...).
+    """
+
+    labels: tuple[str, ...]
+    parts: tuple[FrozenPart, ...]
+    notices: tuple[str, ...] = ()
+    licences: tuple[str, ...] = ()
+    versions: dict[str, str] = field(default_factory=dict)
+    head: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    #: What predict reads of any model: one label per clip, no thresholds.
+    multi_label: bool = field(default=False, init=False)
+    thresholds: tuple[float, ...] = field(default=(), init=False)
+
+    @property
+    def backbone(self) -> str:
+        return "+".join(part.name for part in self.parts)
+
+    @property
+    def dim(self) -> int:
+        return sum(part.dim for part in self.parts)
+
+    @property
+    def notice(self) -> str:
+        """The notices, joined: what predict prints."""
+        return " ".join(self.notices)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": MODEL_FORMAT,
+                "kind": FROZEN_KIND,
+                "backbone": self.backbone,
+                "labels": list(self.labels),
+                "parts": [dataclasses.asdict(part) for part in self.parts],
+                "notices": list(self.notices),
+                "licences": list(self.licences),
+                "versions": self.versions,
+                "head": self.head,
+                "train": self.train,
+                "metrics": self.metrics,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str, source: str | os.PathLike = "model file") -> FrozenSpec:
+        """Parse and validate a frozen model's header, every field;
+        :class:`ModelFileError` names ``source`` and the field."""
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ModelFileError(f"{source}: header is not valid JSON ({err})") from None
+        if not isinstance(record, dict) or record.get("kind") != FROZEN_KIND:
+            raise ModelFileError(f"{source}: not a frozen-embedding model file")
+        if record.get("format") != MODEL_FORMAT:
+            raise ModelFileError(f"{source}: model format {record.get('format')!r} not supported")
+        known = {"format", "kind", "backbone", "labels", "parts", "notices", "licences"}
+        known |= {"versions", "head", "train", "metrics"}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ModelFileError(f"{source}: header has unknown fields {unknown}")
+        for name in ("labels", "parts"):
+            if name not in record:
+                raise ModelFileError(f"{source}: header has no {name!r} field")
+        labels = _labels(record, source)
+        metrics = _train_and_metrics(record, source)
+        parts = _frozen_parts(record["parts"], source)
+        if record.get("backbone") != "+".join(part.name for part in parts):
+            raise ModelFileError(f"{source}: field 'backbone' does not name its parts")
+        for name in ("notices", "licences"):
+            values = record.get(name, [])
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ModelFileError(f"{source}: field {name!r} must be a list of strings")
+        versions = record.get("versions", {})
+        if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+            raise ModelFileError(f"{source}: field 'versions' must map packages to strings")
+        return cls(
+            labels=tuple(labels),
+            parts=parts,
+            notices=tuple(record.get("notices", [])),
+            licences=tuple(record.get("licences", [])),
+            versions=dict(versions),
+            head=_frozen_head(record.get("head", {}), source),
+            train=dict(record.get("train", {})),
+            metrics=metrics,
+        )
+
+
+def _frozen_parts(values: Any, source: str | os.PathLike) -> tuple[FrozenPart, ...]:
+    if not isinstance(values, list) or not values:
+        raise ModelFileError(f"{source}: field 'parts' must be a non-empty list")
+    parts = []
+    for i, value in enumerate(values):
+        if (
+            not isinstance(value, dict)
+            or set(value) != {"name", "dim", "digest"}
+            or not isinstance(value["name"], str)
+            or not _PART_NAME.match(value["name"])
+            or not isinstance(value["dim"], int)
+            or isinstance(value["dim"], bool)
+            or not 1 <= value["dim"] <= MAX_EMBEDDING_DIM
+            or not isinstance(value["digest"], str)
+            or not _DIGEST.match(value["digest"])
+        ):
+            raise ModelFileError(
+                f"{source}: field 'parts[{i}]' must be {{name, dim (1 to "
+                f"{MAX_EMBEDDING_DIM}), digest (12 hex digits)}}"
+            )
+        parts.append(FrozenPart(value["name"], value["dim"], value["digest"]))
+    if len({part.name for part in parts}) != len(parts):
+        raise ModelFileError(f"{source}: field 'parts' names a part twice")
+    if sum(part.dim for part in parts) > MAX_EMBEDDING_DIM:
+        raise ModelFileError(f"{source}: field 'parts' asks for over {MAX_EMBEDDING_DIM} features")
+    return tuple(parts)
+
+
+def _frozen_head(values: Any, source: str | os.PathLike) -> dict[str, Any]:
+    if not isinstance(values, dict) or set(values) - {"C", "max_iter"}:
+        raise ModelFileError(f"{source}: field 'head' must be {{C, max_iter}}")
+    c, max_iter = values.get("C", 1.0), values.get("max_iter", 100)
+    if not isinstance(c, int | float) or isinstance(c, bool) or not 0 < c < float("inf"):
+        raise ModelFileError(f"{source}: field 'head.C' must be a positive number")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ModelFileError(f"{source}: field 'head.max_iter' must be a positive integer")
+    return dict(values)
+
+
+def save_frozen_model_file(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], spec: FrozenSpec
+) -> Path:
+    """Write a frozen-embedding model (its :data:`FROZEN_TENSORS` and ``spec``) into one
+    file, atomically, checked as it will be read."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _check_frozen_tensors(path, tensors, spec)
+    return _save(path, tensors, spec.to_json())
+
+
+def _check_frozen_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], spec: FrozenSpec
+) -> None:
+    import torch
+
+    if set(tensors) != set(FROZEN_TENSORS):
+        raise ModelFileError(
+            f"{path}: a frozen model holds exactly {', '.join(FROZEN_TENSORS)}, "
+            f"not {', '.join(sorted(tensors))}"
+        )
+    labels, dim = len(spec.labels), spec.dim
+    shapes = {"mean": (dim,), "scale": (dim,), "coef": (labels, dim), "intercept": (labels,)}
+    for name, shape in shapes.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
+            raise ModelFileError(
+                f"{path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}; the header's "
+                f"{labels} labels and {dim} features need float32 {shape}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    if not (tensors["scale"] > 0).all():
+        raise ModelFileError(f"{path}: tensor 'scale' must be positive")
+
+
+def model_kind(path: str | os.PathLike) -> str:
+    """``frozen`` for a frozen-embedding model file, else ``network`` (what
+    :func:`read_model_file` reads; it reports any problem with the file)."""
+    try:
+        record = json.loads(_header(Path(path))[METADATA_KEY])
+    except (ModelFileError, json.JSONDecodeError):
+        return "network"
+    frozen = isinstance(record, dict) and record.get("kind") == FROZEN_KIND
+    return FROZEN_KIND if frozen else "network"
+
+
+def read_frozen_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], FrozenSpec]:
+    """Tensors and validated record of a frozen-embedding model file (checksum, every
+    header field, the tensors' names, shapes, dtypes and values); no pickled code."""
+    path = Path(path)
+    header = _header(path)
+    spec = FrozenSpec.from_json(header[METADATA_KEY], path)
+    tensors = _tensors(path, header)
+    _check_frozen_tensors(path, tensors, spec)
+    return tensors, spec
+
+
+def read_any_spec(path: str | os.PathLike) -> ModelSpec | FrozenSpec:
+    """The validated record of either kind of model file, without its tensors (what
+    predict and serve print the notice from)."""
+    path = Path(path)
+    text = _header(path)[METADATA_KEY]
+    if model_kind(path) == FROZEN_KIND:
+        return FrozenSpec.from_json(text, path)
+    return ModelSpec.from_json(text, path)

@@ -197,7 +197,8 @@ def _unknown_backbone(name: str) -> WeightsError:
     return WeightsError(
         f"unknown backbone {name!r}: offline ones are {', '.join(OFFLINE_BACKBONES)} "
         "(soundsight backbones lists them); any timm model name also works with "
-        "weights from the hub"
+        "weights from the hub; birdnet and '+' lists (aisfx+birdnet) are frozen-embedding "
+        "backbones, trained by `soundsight train`"
     )
 
 

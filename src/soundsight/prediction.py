@@ -23,7 +23,14 @@ from .data import ClipView
 from .evaluation import joined_labels, score
 from .features import Clip, Featuriser, flush_denormals
 from .layouts import DatasetError, clip_labels, is_multi_label, multi_hot
-from .modelfile import ModelFileError, ModelSpec, check_fits, read_model_file
+from .modelfile import (
+    FROZEN_KIND,
+    ModelFileError,
+    ModelSpec,
+    check_fits,
+    model_kind,
+    read_model_file,
+)
 from .models import SoundNet, fold_batch_norms, window_scores
 from .runtime import answer, top_labels
 from .runtime import submission as submission  # with the torch-free runtime: one CSV
@@ -381,8 +388,13 @@ def evaluate(
     A multi-label model is scored on the clips' label lists (a single-label table: one
     label each) at its tuned thresholds (:func:`soundsight.evaluation.multi_label_score`);
     its frame has ``labels`` ("dog;rain") in place of ``label``. A single-label model
-    given a multi-label table is refused.
+    given a multi-label table is refused. A frozen-embedding model file is scored by
+    :func:`soundsight.frozen.evaluate_frozen`.
     """
+    if not isinstance(model, Classifier) and model_kind(model) == FROZEN_KIND:
+        from .frozen import evaluate_frozen
+
+        return evaluate_frozen(model, clips, cache, progress)
     classifier = model if isinstance(model, Classifier) else Classifier.load(model)
     multi = classifier.spec.multi_label
     if is_multi_label(clips) and not multi:

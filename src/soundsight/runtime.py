@@ -467,7 +467,9 @@ def load_classifier(
 ):
     """The classifier of a model file in the runtime asked for: ``onnx``
     (:class:`OnnxClassifier`), ``torch`` (:class:`soundsight.prediction.Classifier`,
-    needs the ``train`` extra), or None: ``onnx`` for a ``.onnx`` file, else torch."""
+    needs the ``train`` extra; for a frozen-embedding model file,
+    :class:`soundsight.frozen.FrozenClassifier`), or None: ``onnx`` for a ``.onnx``
+    file, else torch."""
     runtime = runtime or ("onnx" if is_onnx(path) else "torch")
     if runtime == "onnx":
         if not is_onnx(path):
@@ -482,8 +484,13 @@ def load_classifier(
         raise ConfigError(f"{path}: an ONNX file runs with --runtime onnx, not torch")
     import torch
 
+    from .modelfile import FROZEN_KIND, model_kind
     from .prediction import Classifier
 
     if threads:
         torch.set_num_threads(threads)
+    if model_kind(path) == FROZEN_KIND:
+        from .frozen import FrozenClassifier
+
+        return FrozenClassifier.load(path, threads)
     return Classifier.load(path)

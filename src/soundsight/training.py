@@ -531,6 +531,7 @@ def train(
         (:data:`soundsight.calibration.REJECTION_SCORES`).
     """
     check_keep(keep)
+    _refuse_frozen(model)
     if rejection not in REJECTION_SCORES:
         raise ConfigError(f"unknown rejection score {rejection!r}; choose from {REJECTION_SCORES}")
     features = features or FeatureConfig()
@@ -566,6 +567,19 @@ def train(
         module, data, out, resume=resuming, progress=progress, devices=devices, num_nodes=num_nodes
     )
     return _validate_and_save(trainer, module, data, out, keep, rejection)
+
+
+def _refuse_frozen(model: ModelConfig | None) -> None:
+    """Frozen-embedding backbones (``birdnet``, ``+`` lists) fine-tune nothing: they
+    train by :func:`soundsight.frozen.train_frozen` (``soundsight train``) only."""
+    from .frozen import is_frozen_backbone
+
+    if model is not None and is_frozen_backbone(model.backbone):
+        raise ConfigError(
+            f"--backbone {model.backbone} is a frozen-embedding model (embeddings + logistic "
+            "regression): `soundsight train` fits it; cv, lr-find and fine-tuning recipes "
+            "do not apply"
+        )
 
 
 def _validation_logits(net: SoundNet, data: ClipDataModule):
@@ -765,6 +779,7 @@ def lr_find(
     progress: bool = True,
 ) -> float:
     """Run the LR range test alone: saves ``out/lr_find.png``, returns the suggestion."""
+    _refuse_frozen(model)
     out = Path(out)
     features, model = features or FeatureConfig(), model or ModelConfig()
     data = _data(

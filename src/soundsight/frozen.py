@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -186,7 +186,8 @@ class NetworkPart:
         windows = clf.view.windows(clf.log_mel(path))
         # Each window its own "clip" for the one windowed scorer: one embedding each.
         scored = score_windows(clf.net, ([window[None]] for window in windows), embed=True)
-        vector = np.max([embedding for _, embedding in scored], axis=0)
+        # With embed=True every window has an embedding (never None).
+        vector = np.max([cast(np.ndarray, e) for _, e in scored], axis=0)
         if vector.shape != (self.dim,):
             raise FrozenError(f"{self.name} embeds {vector.shape}, expected ({self.dim},)")
         return vector.astype(np.float32)

@@ -30,10 +30,12 @@ from soundsight.birdnet import (
     clip_windows,
 )
 from soundsight.frozen import (
+    NETWORK_DIMS,
     BirdnetPart,
     EmbeddingCache,
     FrozenClassifier,
     FrozenError,
+    NetworkPart,
     clip_vectors,
     fit_head,
     head_probabilities,
@@ -209,6 +211,13 @@ def test_unknown_part_lists_the_available_ones(run_cli, esc_five, tmp_path):
         LICENCE_ID,
     )  # fmt: skip
     assert code == 2 and "unknown backbone 'nope'" in err and "birdnet, aisfx" in err
+
+
+@pytest.mark.parametrize("name", sorted(NETWORK_DIMS))
+def test_each_network_part_embeds_a_real_clip_at_its_declared_width(name, esc_five):
+    clip = sorted((esc_five / "audio").iterdir())[0]
+    vector = NetworkPart(name).embed(clip)
+    assert vector.shape == (NETWORK_DIMS[name],) and np.isfinite(vector).all()
 
 
 def test_broken_clip_reported_and_skipped_cache_resumes(esc_five, tmp_path):

@@ -77,7 +77,8 @@ NETWORK_DIMS = {
     "aisfx": 512,
     "tf_efficientnet_lite0": 1280,
     "tf_efficientnet_lite1": 1280,
-    "tf_efficientnet_lite2": 1408,
+    # timm fixes every Lite's head to 1280 features (not 1408 as EfficientNet-B2).
+    "tf_efficientnet_lite2": 1280,
 }
 
 

@@ -356,7 +356,8 @@ def check_fits(path: str | os.PathLike, net: torch.nn.Module, tensors: dict) -> 
 #: The tensors of a frozen-embedding model: the StandardScaler's ``mean`` and ``scale``
 #: (D,), the logistic regression's ``coef`` (labels, D) and ``intercept`` (labels,).
 FROZEN_TENSORS = ("mean", "scale", "coef", "intercept")
-#: Widest clip vector a frozen model may ask for (the widest part, Lite2, is 1408).
+#: Widest clip vector a frozen model may ask for (the widest part, BirdNET, is 1024; a
+#: list of every part 5,376).
 MAX_EMBEDDING_DIM = 65_536
 _PART_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
 _DIGEST = re.compile(r"^[0-9a-f]{12}$")

@@ -361,3 +361,30 @@ def test_aisfx_plus_birdnet_trains_from_the_cache(esc_five, birdnet_run, run_cli
         part.embed = lambda path: pytest.fail("a cached clip was embedded again")
     vectors, kept, _ = clip_vectors(paths, parts, birdnet_run.parent / "cache", progress=False)
     assert vectors.shape == (40, 1536) and len(kept) == 40
+
+
+@pytest.mark.slow
+def test_cv_fits_one_frozen_head_per_fold_from_the_cache(
+    esc_five, birdnet_run, run_cli, no_acceptance
+):
+    out = birdnet_run.parent / "cv"
+    code, stdout, err = run_cli(
+        "cv", esc_five, "--backbone", "aisfx+birdnet", "--accept-licence", LICENCE_ID,
+        "--folds", "4", "--out", out, "--cache", birdnet_run.parent / "cache",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads((out / "cv.json").read_text())
+    assert [row["fold"] for row in result["folds"]] == [0, 1, 2, 3]
+    # Five classes of real ESC clips, 30 training clips a fold: far above chance (0.2).
+    assert result["mean"]["accuracy"] >= 0.7 and "accuracy" in stdout
+    validated = [pd.read_csv(out / f"fold{k}" / "valid_predictions.csv") for k in range(4)]
+    names = sorted(Path(p).name for fold in validated for p in fold["path"])
+    # Every clip scored once, by the head that did not see it.
+    assert names == sorted(p.name for p in (esc_five / "audio").iterdir())
+    for k in range(4):
+        assert model_kind(out / f"fold{k}" / "model.safetensors") == "frozen"
+    code, _, err = run_cli(
+        "cv", esc_five, "--backbone", "birdnet", "--folds", "4", "--out", out / "refused",
+        "--cache", birdnet_run.parent / "cache",
+    )  # fmt: skip
+    assert code == 2 and "CC BY-NC-SA 4.0" in err

@@ -409,6 +409,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from .frozen import is_frozen_backbone
     from .report import plot_run
     from .training import cross_validate, is_global_zero
 
@@ -421,6 +422,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         model,
         config,
         args.cache,
+        accept_licence=args.accept_licence,
         pretrained=not args.no_pretrained,
         devices=args.devices,
         num_nodes=args.num_nodes,
@@ -432,6 +434,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
     print(pd.DataFrame(result.folds).to_string(index=False))
     for key in list(result.mean)[1:]:
         print(f"{key}: {result.mean[key]:.4f} +- {result.std[key]:.4f}")
+    if is_frozen_backbone(model.backbone):  # the run plots read fine-tuned models only
+        print(f"results: {Path(args.out) / 'cv.json'} (frozen {model.backbone} heads; no plots)")
+        return 0
     print(
         f"results: {Path(args.out) / 'cv.json'}; plots: {len(plot_run(args.out, args.cache))} PNGs"
     )
@@ -796,6 +801,10 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     _add_training_args(p)
     _add_feature_args(p)
     _add_score_args(p)
+    _add_licence_arg(p)
+
+
+def _add_licence_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--accept-licence",
         metavar="LICENCE",
@@ -818,6 +827,7 @@ def _args_cv(p: argparse.ArgumentParser) -> None:
     _add_training_args(p)
     _add_feature_args(p)
     _add_score_args(p)
+    _add_licence_arg(p)
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:

@@ -571,14 +571,14 @@ def train(
 
 def _refuse_frozen(model: ModelConfig | None) -> None:
     """Frozen-embedding backbones (``birdnet``, ``+`` lists) fine-tune nothing: they
-    train by :func:`soundsight.frozen.train_frozen` (``soundsight train``) only."""
+    train by :func:`soundsight.frozen.train_frozen` (``soundsight train`` and ``cv``)."""
     from .frozen import is_frozen_backbone
 
     if model is not None and is_frozen_backbone(model.backbone):
         raise ConfigError(
             f"--backbone {model.backbone} is a frozen-embedding model (embeddings + logistic "
-            "regression): `soundsight train` fits it; cv, lr-find and fine-tuning recipes "
-            "do not apply"
+            "regression): `soundsight train` and `soundsight cv` fit it; lr-find and "
+            "fine-tuning recipes do not apply"
         )
 
 
@@ -849,6 +849,7 @@ def cross_validate(
     config: TrainConfig | None = None,
     cache: str | Path | None = None,
     progress: bool = True,
+    accept_licence: str | None = None,
     **train_options,
 ) -> CVResult:
     """Train and score one model per fold (:func:`soundsight.evaluation.make_folds`:
@@ -857,25 +858,44 @@ def cross_validate(
     ``train_options`` go to :func:`train` (``pretrained``, ``devices``, ``resume``,
     ``force``...). Under DDP every process draws the same seeded folds, and
     Lightning's distributed sampler shards each fold's training and validation clips
-    across the ranks."""
+    across the ranks. A frozen-embedding backbone (``birdnet``, a ``+`` list) fits each
+    fold's head by :func:`soundsight.frozen.train_frozen` instead (``accept_licence``
+    for BirdNET; ``train_options`` do not apply), every fold reading the one
+    embedding cache, so the folds after the first cost seconds."""
+    from .frozen import is_frozen_backbone, train_frozen
+
     out = Path(out)
     config = config or TrainConfig()
     folds = make_folds(clips, n_folds, config.seed)
+    frozen = model is not None and is_frozen_backbone(model.backbone)
     rows = []
     for k, valid_index in enumerate(folds):
         mask = np.zeros(len(clips), bool)
         mask[valid_index] = True
-        result = train(
-            clips[~mask],
-            out / f"fold{k}",
-            valid=clips[mask],
-            features=features,
-            model=model,
-            config=config,
-            cache=cache,
-            progress=progress,
-            **train_options,
-        )
+        if frozen:
+            assert model is not None  # for the type checker: frozen implies a model
+            result = train_frozen(
+                clips[~mask],
+                out / f"fold{k}",
+                model.backbone,
+                valid=clips[mask],
+                cache=cache,
+                accept_licence=accept_licence,
+                seed=config.seed,
+                progress=progress,
+            )
+        else:
+            result = train(
+                clips[~mask],
+                out / f"fold{k}",
+                valid=clips[mask],
+                features=features,
+                model=model,
+                config=config,
+                cache=cache,
+                progress=progress,
+                **train_options,
+            )
         rows.append({"fold": k, **summary(result.metrics)})
         if progress and is_global_zero():
             print(f"fold {k}: {describe_scores(result.metrics)}")

@@ -338,8 +338,37 @@ def test_predict_and_evaluate_a_frozen_model(birdnet_run, esc_five, run_cli, no_
     assert abs(sum(p for _, p in classifier.predict(clip, top_k=5)) - 1) < 1e-5
     code, out, _ = run_cli("evaluate", model, esc_five, "--cache", birdnet_run.parent / "cache")
     assert code == 0 and "40 clips" in out
-    code, _, err = run_cli("serve", model)
-    assert code == 2 and "frozen-embedding model" in err
+
+
+@pytest.mark.slow
+def test_serve_answers_with_a_frozen_model_from_two_workers(birdnet_run, esc_five):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from soundsight.serving import ServeConfig, create_app, load_for_serving
+
+    model = birdnet_run / "model.safetensors"
+    settings = ServeConfig(workers=2, queue_size=4)
+    classifier = load_for_serving(model, settings)
+    meta = pd.read_csv(esc_five / "meta" / "esc50.csv").set_index("filename")
+    clips = sorted((esc_five / "audio").iterdir())[::8]  # one of each class
+    expected = {clip.name: FrozenClassifier.load(model).predict(clip)[0] for clip in clips}
+    with TestClient(create_app(classifier, settings), base_url="http://127.0.0.1") as client:
+        assert client.get("/labels").json()["labels"] == list(CLASSES)
+
+        def post(clip: Path) -> dict:
+            files = {"file": (clip.name, clip.read_bytes())}
+            return client.post("/predict", files=files).json()
+
+        # Both workers at once: each needs its own BirdNET interpreter.
+        with ThreadPoolExecutor(4) as pool:
+            answers = dict(zip([c.name for c in clips], pool.map(post, clips * 2), strict=False))
+    for name, answer in answers.items():
+        label, probability = expected[name]
+        assert answer["label"] == label == meta.loc[name, "category"]
+        assert answer["predictions"][0]["probability"] == pytest.approx(probability, abs=1e-3)
+        assert answer["unknown"] is False
 
 
 @pytest.mark.slow

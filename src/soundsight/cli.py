@@ -629,11 +629,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file not found: {args.model}")
-    from .modelfile import read_spec
+    from .modelfile import read_any_spec
     from .runtime import is_onnx
 
     if not is_onnx(args.model):
-        _print_notice(read_spec(args.model).notice)
+        _print_notice(read_any_spec(args.model).notice)
     serve(
         args.model,
         args.host,

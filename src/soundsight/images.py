@@ -17,6 +17,7 @@ distinct folders, and ``label_folders.csv`` in the output records which is which
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 import re
@@ -53,6 +54,14 @@ def spectrogram_image(
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     image.putpalette(colour_table(cmap).tobytes())
     return image
+
+
+def spectrogram_png(db: np.ndarray, floor_db: float) -> bytes:
+    """The serve page's picture of a log-mel: :func:`spectrogram_image` at its own size,
+    as PNG bytes."""
+    png = io.BytesIO()
+    spectrogram_image(db, floor_db, size=None).save(png, format="PNG")
+    return png.getvalue()
 
 
 def label_folders(labels: Iterable[str]) -> dict[str, str]:

@@ -6,7 +6,6 @@ input encoding, so :class:`Classifier` rebuilds the exact pipeline that trained 
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import cast
@@ -275,11 +274,9 @@ class Classifier:
 
     def spectrogram_png(self, db: np.ndarray) -> bytes:
         """The page's picture of a log-mel, as PNG bytes."""
-        from .images import spectrogram_image
+        from .images import spectrogram_png
 
-        png = io.BytesIO()
-        spectrogram_image(db, self.features.floor_db, size=None).save(png, format="PNG")
-        return png.getvalue()
+        return spectrogram_png(db, self.features.floor_db)
 
     def predict(self, clip: Clip, top_k: int = 3) -> list[tuple[str, float]]:
         """The ``top_k`` (label, probability) pairs for one clip (path, bytes or

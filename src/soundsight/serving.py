@@ -38,6 +38,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
@@ -885,7 +886,9 @@ def load_for_serving(
             f"--max-duration {settings.max_duration:g} s: the ONNX runtime scores clips of "
             f"up to {MAX_SECONDS:g} s (use --runtime torch for longer)"
         )
-    classifier.analyse(np.zeros(classifier.features.sample_rate, np.float32))
+    with warnings.catch_warnings():  # about the warm-up's silence, not a user's clip
+        warnings.simplefilter("ignore")
+        classifier.analyse(np.zeros(classifier.features.sample_rate, np.float32))
     return classifier
 
 

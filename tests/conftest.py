@@ -30,6 +30,18 @@ FSDD_SAMPLE = tuple(
 ESC_SAMPLE_ROWS = 10
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """Put torch's process-wide thread count back after each test: serving sets it to
+    one per worker, and a test that loads a model for serving must not change the
+    numerics (and so the small trained models) of every test after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
     if not (DATASETS / "fsdd").is_dir() or not (DATASETS / "esc50-fold2").is_dir():

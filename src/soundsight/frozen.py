@@ -47,6 +47,7 @@ from .modelfile import (
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
+    from .features import Featuriser
     from .prediction import Classifier
     from .training import TrainResult
 
@@ -385,13 +386,19 @@ class FrozenClassifier:
 
         return FeatureConfig(sample_rate=max(part.sample_rate for part in self.parts))
 
+    @cached_property
+    def _page_log_mel(self) -> Featuriser:
+        """The page's log-mel of a waveform at ``features.sample_rate``: built once, not
+        per upload (its mel filters and window are made with it)."""
+        from .features import Featuriser
+
+        return Featuriser(self.features)
+
     def analyse(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
         """A mono waveform at ``features.sample_rate`` -> its probabilities, the page's
         log-mel and whether it is known (always: a frozen model has no 'unknown' rule);
         what the server asks of a model (:class:`~soundsight.runtime.ClipScorer`)."""
         import soxr
-
-        from .features import Featuriser
 
         rate = self.features.sample_rate
         vector = np.concatenate(
@@ -404,7 +411,7 @@ class FrozenClassifier:
                 for part in self.parts
             ]
         )
-        db = Featuriser(self.features)(waveform)
+        db = self._page_log_mel(waveform)
         return self.probabilities(vector[None])[0], db, True
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:

@@ -583,7 +583,7 @@ def read_frozen_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
 
 def read_any_spec(path: str | os.PathLike) -> ModelSpec | FrozenSpec:
     """The validated record of either kind of model file, without its tensors (what
-    predict and serve print the notice from)."""
+    ``soundsight serve`` prints the notice from before it loads the model)."""
     path = Path(path)
     text = _header(path)[METADATA_KEY]
     if model_kind(path) == FROZEN_KIND:

@@ -417,3 +417,8 @@ def test_cv_fits_one_frozen_head_per_fold_from_the_cache(
         "--cache", birdnet_run.parent / "cache",
     )  # fmt: skip
     assert code == 2 and "CC BY-NC-SA 4.0" in err
+    code, _, err = run_cli(
+        "cv", esc_five, "--backbone", "birdnet", "--accept-licence", LICENCE_ID, "--ensemble",
+        "--folds", "4", "--out", out / "no-ensemble", "--cache", birdnet_run.parent / "cache",
+    )  # fmt: skip
+    assert code == 2 and "--ensemble averages fine-tuned fold models" in err

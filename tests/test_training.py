@@ -10,17 +10,28 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from soundsight import CacheError, FeatureCache, FeatureConfig, load_dataset, prepare
+from soundsight.config import ModelConfig
+from soundsight.errors import ConfigError
 from soundsight.evaluation import holdout, make_folds, map_at_k, score
-from soundsight.modelfile import ModelFileError, read_model_file
+from soundsight.modelfile import ModelFileError, read_model_file, save_model_file
+from soundsight.models import SoundNet, window_logits
 from soundsight.prediction import Classifier, evaluate, submission
-from soundsight.training import TrainConfig, cross_validate, seed_recipe, train
+from soundsight.training import (
+    TrainConfig,
+    cross_validate,
+    ensemble_model_file,
+    seed_recipe,
+    train,
+)
 
 QUICK = TrainConfig(stage1_epochs=1, stage2_epochs=1, batch_size=16)
 
@@ -382,7 +393,13 @@ def test_cross_validation_reports_mean_and_spread(esc50_dir, tmp_path):
     table = table[table["label"].isin(sorted(table["label"].unique())[:3])].reset_index(drop=True)
     config = TrainConfig(stage1_epochs=0, stage2_epochs=1, batch_size=8)
     result = cross_validate(
-        table, tmp_path / "cv", 3, config=config, cache=tmp_path / "cache", progress=False
+        table,
+        tmp_path / "cv",
+        3,
+        config=config,
+        cache=tmp_path / "cache",
+        progress=False,
+        ensemble=True,
     )
     summary = json.loads((tmp_path / "cv" / "cv.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
@@ -391,6 +408,49 @@ def test_cross_validation_reports_mean_and_spread(esc50_dir, tmp_path):
     )
     assert sum(f["clips"] for f in result.folds) == len(table)  # every clip validated once
     assert all((tmp_path / "cv" / f"fold{k}" / "model.safetensors").exists() for k in range(3))
+
+    # --ensemble: one model file whose logits are the mean of the fold models' logits,
+    # each divided by its own temperature; loaded and used like any model.
+    folds = [tmp_path / "cv" / f"fold{k}" / "model.safetensors" for k in range(3)]
+    members = [Classifier.load(path) for path in folds]
+    ensemble = Classifier.load(tmp_path / "cv" / "ensemble.safetensors")
+    assert ensemble.spec.model.members == 3 and ensemble.rejection is None
+    assert ensemble.spec.labels == members[0].spec.labels
+    windows = torch.from_numpy(ensemble.view.windows(ensemble.log_mel(table["path"].iloc[0])))
+    with torch.inference_mode():
+        mean_logits = torch.stack(
+            [window_logits(m.net, windows[:, None])[0] / m.spec.temperature for m in members]
+        ).mean(0)
+        logits, embedding = window_logits(ensemble.net, windows[:, None])
+    torch.testing.assert_close(logits, mean_logits, rtol=1e-4, atol=1e-4)
+    assert embedding.shape[-1] == 3 * members[0].net.backbone.num_features
+    expected = mean_logits.softmax(-1).mean(0).numpy()
+    np.testing.assert_allclose(
+        ensemble.probabilities([ensemble.log_mel(table["path"].iloc[0])])[0], expected, atol=1e-4
+    )
+    metrics, _, failures = evaluate(tmp_path / "cv" / "ensemble.safetensors", table, progress=False)
+    assert not failures and metrics["clips"] == len(table)
+    with pytest.raises(ConfigError, match="not trained"):
+        train(table, tmp_path / "no", model=ModelConfig(members=2), progress=False)
+
+    # A fold whose training clips lacked a class: the ensemble's labels are the union,
+    # and that class's logit is the mean over the members that know it (here one).
+    tensors, spec = read_model_file(folds[1])
+    assert list(spec.labels) == sorted(spec.labels)
+    narrow = {k: v[:-1] if k.startswith("classifier.") else v for k, v in tensors.items()}
+    net = SoundNet(spec.model, len(spec.labels) - 1, spec.features.floor_db, pretrained=False)
+    net.backbone.load_state_dict(narrow)
+    save_model_file(tmp_path / "narrow.safetensors", net, replace(spec, labels=spec.labels[:-1]))
+    mixed = Classifier.load(
+        ensemble_model_file([folds[0], tmp_path / "narrow.safetensors"], tmp_path / "mixed.st")
+    )
+    assert mixed.labels == list(spec.labels)
+    with torch.inference_mode():
+        full = window_logits(members[0].net, windows[:, None])[0] / members[0].spec.temperature
+        part = window_logits(Classifier.load(tmp_path / "narrow.safetensors").net, windows[:, None])
+        logits = window_logits(mixed.net, windows[:, None])[0]
+    expected = torch.cat([(full[:, :-1] + part[0] / spec.temperature) / 2, full[:, -1:]], 1)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_lr_finder_plot_and_suggestion(fsdd_dir, tmp_path, run_cli):

@@ -423,6 +423,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         config,
         args.cache,
         accept_licence=args.accept_licence,
+        ensemble=args.ensemble,
         pretrained=not args.no_pretrained,
         devices=args.devices,
         num_nodes=args.num_nodes,
@@ -440,6 +441,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
     print(
         f"results: {Path(args.out) / 'cv.json'}; plots: {len(plot_run(args.out, args.cache))} PNGs"
     )
+    if args.ensemble:
+        print(
+            f"ensemble of the {args.folds} fold models: {Path(args.out) / 'ensemble.safetensors'}"
+        )
     return 0
 
 
@@ -824,6 +829,12 @@ def _args_cv(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     p.add_argument("--out", required=True, help="folder for the fold runs and cv.json")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also write OUT/ensemble.safetensors: one model averaging the fold models' "
+        "logits, for predict/evaluate/serve/detect/export like any model",
+    )
     _add_training_args(p)
     _add_feature_args(p)
     _add_score_args(p)

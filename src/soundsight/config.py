@@ -32,6 +32,9 @@ ENCODINGS = ("magma", "viridis", "grey")
 FRONT_ENDS = ("log_mel_db", "aisfx")
 #: Longest training crop / evaluation window: longer views only cost memory.
 MAX_CROP_SECONDS = 30.0
+#: Most networks in one model file (``soundsight cv --ensemble``: one per fold); each
+#: costs a forward pass per window, and the count comes from files.
+MAX_MEMBERS = 20
 
 T = TypeVar("T", bound="DataclassInstance")
 
@@ -163,6 +166,10 @@ class ModelConfig:
     input_scale : float
         Upsample the log-mel by this factor before the backbone: ImageNet features
         are tuned to objects larger than a short sound is at one pixel per frame.
+    members : int
+        Networks of this backbone whose logits are averaged
+        (:class:`soundsight.models.FoldEnsemble`): 1 for a trained model, the number
+        of folds for the model file ``soundsight cv --ensemble`` writes.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -172,6 +179,7 @@ class ModelConfig:
     crop_seconds: float | None = None
     image_size: int | None = None
     input_scale: float = 1.0
+    members: int = 1
 
     def __post_init__(self):
         # Bounds, not only types: each of these sizes memory (a crop of 1e6 s asked
@@ -186,6 +194,8 @@ class ModelConfig:
             raise ConfigError(f"image_size must be between 16 and 1024: {self.image_size}")
         if not 0.25 <= self.input_scale <= 4:
             raise ConfigError(f"input_scale must be between 0.25 and 4: {self.input_scale}")
+        if not 1 <= self.members <= MAX_MEMBERS:
+            raise ConfigError(f"members must be between 1 and {MAX_MEMBERS}: {self.members}")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
         default_cfg: dict[str, Any]
         pretrained_cfg: dict[str, Any]
+        num_features: int
 
         def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
         def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
@@ -332,6 +333,74 @@ class InputEncoder(torch.nn.Module):
         return F.embedding(index, self.table).permute(0, 3, 1, 2)
 
 
+class FoldEnsemble(torch.nn.Module):
+    """Networks of one architecture behind the backbone interface :class:`SoundNet`
+    uses (``forward_features``, ``forward_head``, ``get_classifier``): the model
+    ``soundsight cv --ensemble`` writes from its fold models.
+
+    Its logits are the mean of the members' logits, so its softmax is the normalised
+    geometric mean of theirs; each member's own temperature is folded into its head
+    beforehand (:func:`soundsight.training.ensemble_model_file`). A fold whose
+    training clips lacked a class has no output for it: ``known`` (members x classes,
+    saved with the weights) marks which member knows which class, and a class's logit
+    is the mean over the members that know it. Its embedding is the members'
+    embeddings side by side. Averaging logits rather than probabilities keeps
+    the ensemble one network with one forward pass: prediction, serving, detection,
+    the report and the ONNX export take it as they take any backbone.
+    """
+
+    known: torch.Tensor  # a buffer: saved with the members' weights
+
+    def __init__(self, members: list[Backbone], num_classes: int):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.register_buffer("known", torch.ones(len(members), num_classes))
+        first = members[0]
+        self.default_cfg = first.default_cfg
+        self.pretrained_cfg = first.pretrained_cfg
+        self.num_features = first.num_features * len(members)
+
+    @property
+    def networks(self) -> list[Backbone]:
+        """The members, typed (a ``ModuleList`` yields plain modules)."""
+        return cast("list[Backbone]", list(self.members))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # Members share the architecture, so their feature maps stack.
+        return torch.stack([member.forward_features(x) for member in self.networks])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = torch.cat(
+            [m.forward_head(f, pre_logits=True) for m, f in zip(self.networks, x, strict=True)],
+            -1,
+        )
+        return pooled if pre_logits else self.get_classifier()(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> torch.nn.Module:
+        # Built on each call and not an attribute, so the heads' tensors appear once in
+        # the state dict (under members.K), and its parameters are the heads' alone.
+        return _MeanOfHeads([m.get_classifier() for m in self.networks], self.known)
+
+
+class _MeanOfHeads(torch.nn.Module):
+    """Each member's head on its part of the side-by-side embeddings; per class, the
+    mean over the members that know the class (``known``, members x classes)."""
+
+    def __init__(self, heads: list[torch.nn.Module], known: torch.Tensor):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(heads)
+        self.known = known
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        parts = pooled.chunk(len(self.heads), dim=-1)
+        logits = torch.stack([head(part) for head, part in zip(self.heads, parts, strict=True)])
+        weights = self.known[:, None, :]
+        return (logits * weights).sum(0) / weights.sum(0).clamp(min=1)
+
+
 class SoundNet(torch.nn.Module):
     """Log-mel batch ``(batch, 1, n_mels, frames)`` in dB -> class logits."""
 
@@ -348,14 +417,30 @@ class SoundNet(torch.nn.Module):
         #: Each label's own sigmoid instead of one softmax over them (see
         #: :func:`tempered_probabilities`): a multi-label model.
         self.multi_label = multi_label
-        self.backbone = create_backbone(
-            config.backbone, num_classes, config.weights if pretrained else "none"
-        )
+        self.backbone: Backbone
+        if config.members > 1:  # the fold models of `cv --ensemble`, read from its file
+            self.backbone = cast(
+                Backbone,
+                FoldEnsemble(
+                    [
+                        create_backbone(config.backbone, num_classes, "none")
+                        for _ in range(config.members)
+                    ],
+                    num_classes,
+                ),
+            )
+        else:
+            self.backbone = create_backbone(
+                config.backbone, num_classes, config.weights if pretrained else "none"
+            )
         #: Logits are divided by it before the softmax (:func:`window_scores`); 1 while
         #: training, the model file's fitted value once loaded (soundsight.calibration).
         self.temperature = 1.0
         self.encoder: torch.nn.Module
-        if isinstance(self.backbone, AisfxNet):  # reads its own features, not an image
+        first = (
+            self.backbone.members[0] if isinstance(self.backbone, FoldEnsemble) else self.backbone
+        )
+        if isinstance(first, AisfxNet):  # reads its own features, not an image
             self.encoder = AisfxInput()
             return
         mean, std = input_normalization(self.backbone, config.imagenet_normalization)

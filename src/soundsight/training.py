@@ -56,8 +56,9 @@ from .evaluation import (
 )
 from .features import FeatureConfig, add_log_mels, flush_denormals
 from .layouts import is_multi_label
-from .modelfile import ModelSpec, save_model_file
+from .modelfile import ModelSpec, check_fits, save_model_file
 from .models import (
+    FoldEnsemble,
     ModelConfig,
     SoundNet,
     backbone_configs,
@@ -532,6 +533,11 @@ def train(
     """
     check_keep(keep)
     _refuse_frozen(model)
+    if model is not None and model.members != 1:
+        raise ConfigError(
+            "an ensemble is not trained: `soundsight cv --ensemble` builds one from its "
+            "fold models (members must be 1 here)"
+        )
     if rejection not in REJECTION_SCORES:
         raise ConfigError(f"unknown rejection score {rejection!r}; choose from {REJECTION_SCORES}")
     features = features or FeatureConfig()
@@ -840,6 +846,69 @@ class CVResult:
     std: dict
 
 
+#: What an ensemble model file says of calibration (its ``calibration`` field).
+ENSEMBLE_CALIBRATION = (
+    "ensemble of fold models: each member's own temperature (fitted on its validation "
+    "fold) is folded into its head, and the ensemble's logits are their mean; no clip "
+    "is left that no member saw, so nothing is fitted for the ensemble itself and it has "
+    "no 'unknown' rule"
+)
+
+
+def ensemble_model_file(members: list[str | Path], path: str | Path) -> Path:
+    """Write one model file whose network averages the logits of the fine-tuned models
+    ``members`` (:class:`~soundsight.models.FoldEnsemble`): the fold models of
+    ``soundsight cv --ensemble``, which must share features and network.
+
+    Its labels are the union of theirs (a fold can lack a class's clips); a class's
+    logit is the mean over the members that know it. Each member's head is divided
+    by its temperature first, so the mean is of calibrated logits. Its ``metrics`` are
+    the members' validation scores averaged (each on its own fold: an estimate of one
+    member, not of the ensemble, which needs clips no member saw).
+    """
+    from .modelfile import read_model_file
+
+    if len(members) < 2:
+        raise ConfigError(f"an ensemble needs at least 2 model files, got {len(members)}")
+    read = [read_model_file(member) for member in members]
+    first = read[0][1]
+    for member, (_, spec) in zip(members, read, strict=True):
+        if spec.multi_label:
+            raise ConfigError(f"{member}: a multi-label model; ensembles are single-label only")
+        if (spec.features, spec.model) != (first.features, first.model):
+            raise ConfigError(f"{member}: its features or network differ from {members[0]}'s")
+    labels = sorted({label for _, spec in read for label in spec.labels})
+    model = replace(first.model, members=len(members))
+    net = SoundNet(model, len(labels), first.features.floor_db, pretrained=False)
+    assert isinstance(net.backbone, FoldEnsemble)  # members > 1
+    known = torch.zeros(len(members), len(labels))
+    for k, (member, (tensors, spec), network) in enumerate(
+        zip(members, read, net.backbone.networks, strict=True)
+    ):
+        rows = torch.tensor([labels.index(label) for label in spec.labels])
+        known[k, rows] = 1.0
+        head = {id(p) for p in network.get_classifier().parameters()}
+        for name, parameter in network.named_parameters():
+            if id(parameter) in head and name in tensors:  # the member's rows, tempered
+                wide = torch.zeros_like(parameter)
+                wide[rows] = tensors[name].to(wide.dtype) / spec.temperature
+                tensors[name] = wide
+        check_fits(member, network, tensors)
+        network.load_state_dict(tensors)
+    net.backbone.known.copy_(known)
+    keys = sorted(set.intersection(*(set(spec.metrics) for _, spec in read)))
+    spec = ModelSpec(
+        labels=tuple(labels),
+        features=first.features,
+        model=model,
+        train={**first.train, "ensemble_of": [str(Path(m)) for m in members]},
+        metrics={k: float(np.mean([spec.metrics[k] for _, spec in read])) for k in keys},
+        notice=first.notice,
+        calibration={"members": len(members), "note": ENSEMBLE_CALIBRATION},
+    )
+    return save_model_file(path, net, spec)
+
+
 def cross_validate(
     clips: pd.DataFrame,
     out: str | Path,
@@ -850,6 +919,7 @@ def cross_validate(
     cache: str | Path | None = None,
     progress: bool = True,
     accept_licence: str | None = None,
+    ensemble: bool = False,
     **train_options,
 ) -> CVResult:
     """Train and score one model per fold (:func:`soundsight.evaluation.make_folds`:
@@ -861,13 +931,20 @@ def cross_validate(
     across the ranks. A frozen-embedding backbone (``birdnet``, a ``+`` list) fits each
     fold's head by :func:`soundsight.frozen.train_frozen` instead (``accept_licence``
     for BirdNET; ``train_options`` do not apply), every fold reading the one
-    embedding cache, so the folds after the first cost seconds."""
+    embedding cache, so the folds after the first cost seconds. ``ensemble`` also
+    writes ``out/ensemble.safetensors`` (:func:`ensemble_model_file`: the fold models'
+    mean, a model like any other; fine-tuned backbones only)."""
     from .frozen import is_frozen_backbone, train_frozen
 
     out = Path(out)
     config = config or TrainConfig()
     folds = make_folds(clips, n_folds, config.seed)
     frozen = model is not None and is_frozen_backbone(model.backbone)
+    if ensemble and frozen:
+        raise ConfigError(
+            "--ensemble averages fine-tuned fold models; a frozen-embedding backbone's "
+            "fold heads cannot be combined yet"
+        )
     rows = []
     for k, valid_index in enumerate(folds):
         mask = np.zeros(len(clips), bool)
@@ -905,4 +982,7 @@ def cross_validate(
     std = frame[keys].std(ddof=0).to_dict()
     if is_global_zero():
         write_json(out / "cv.json", {"folds": rows, "mean": mean, "std": std})
+        if ensemble:
+            folds_models = [out / f"fold{k}" / "model.safetensors" for k in range(len(folds))]
+            ensemble_model_file(list(folds_models), out / "ensemble.safetensors")
     return CVResult(rows, mean, std)

@@ -23,12 +23,11 @@ import json
 import os
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from bench_accuracy import predict_ms
-from machine import REFERENCE_STEP_MS_THERE, cpu_model, reference_step_ms
+from machine import measured_line, run_record
 
 import soundsight as ss
 from soundsight.config import ModelConfig, TrainConfig
@@ -50,11 +49,7 @@ def main() -> None:
     parser.add_argument("--work", help="folder for runs and caches (default: a temp folder)")
     args = parser.parse_args()
     meta = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "cores": os.cpu_count(),
-        "cpu": cpu_model(),
-        "load_average_at_start": os.getloadavg()[0],
-        "reference_step_ms": round(reference_step_ms(), 1),
+        **run_record(),
         "backbone": args.backbone,
         "dataset": args.dataset,
     }
@@ -119,10 +114,7 @@ def main() -> None:
     r = result
     table = "\n".join(
         [
-            f"Measured {meta['date']} on {meta['cores']} cores, {meta['cpu']}, load average "
-            f"{meta['load_average_at_start']:.2f} at the start, {meta['load_average_at_end']:.2f} "
-            f"at the end; reference step {meta['reference_step_ms']} ms "
-            f"({REFERENCE_STEP_MS_THERE} ms where the issues' times were set). "
+            f"{measured_line(meta)} "
             f"{args.backbone}, default recipe; {args.dataset}: {r['test_clips']} held-out clips "
             f"({test_name}), trained on the other {r['train_clips']}.",
             "",

@@ -49,3 +49,29 @@ def reference_step_ms(steps: int = 10) -> float:
         return statistics.median(times)
     finally:
         torch.set_num_threads(threads)
+
+
+def run_record() -> dict:
+    """When and where a benchmark starts: date, cores, CPU, load average, reference
+    step; :func:`measured_line` says it in a sentence once ``load_average_at_end``
+    is added."""
+    import os
+    from datetime import UTC, datetime
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        "load_average_at_start": os.getloadavg()[0],
+        "reference_step_ms": round(reference_step_ms(), 1),
+    }
+
+
+def measured_line(meta: dict) -> str:
+    """ "Measured <date> on <cores> cores, <cpu>, load ..., reference step ..." """
+    return (
+        f"Measured {meta['date']} on {meta['cores']} cores, {meta['cpu']}, load average "
+        f"{meta['load_average_at_start']:.2f} at the start, {meta['load_average_at_end']:.2f} "
+        f"at the end; reference step {meta['reference_step_ms']} ms "
+        f"({REFERENCE_STEP_MS_THERE} ms where the issues' times were set)."
+    )

@@ -287,6 +287,20 @@ def test_esc_folds_are_stratified_and_grouped_by_source_recording(esc50_dir):
         assert table["label"].iloc[valid].nunique() >= 40  # stratified: most classes each fold
 
 
+def test_a_data_sets_own_folds_are_used_only_when_they_split_it(esc50_dir):
+    table = load_dataset(esc50_dir)  # fold 2 of ESC-50, and a few clips of folds 3-5
+    balanced = table.assign(fold=np.arange(len(table)) % 4)
+    folds = make_folds(balanced, 4)
+    assert [set(v) for v in folds] == [set(np.flatnonzero(balanced["fold"] == f)) for f in range(4)]
+    assert table["fold"].nunique() == 4
+    with pytest.warns(UserWarning, match="own 4 folds are too unequal"):
+        folds = make_folds(table, 4)
+    sizes = [len(valid) for valid in folds]
+    assert min(sizes) > 0.8 * len(table) / 4  # grouped folds of about equal size
+    for valid in folds:
+        assert not set(table["group"].iloc[valid]) & set(table["group"].drop(index=valid))
+
+
 def test_fsdd_folds_grouped_by_speaker(fsdd_dir):
     table = load_dataset(fsdd_dir, "fsdd", "all")
     folds = make_folds(table, 3)

@@ -231,6 +231,9 @@ TRAIN_HELP = {
     "multi_label": "several labels per clip: sigmoid outputs, binary cross-entropy, "
     "per-class thresholds (set by itself for a multi-label layout)",
     "mix_probability": "multi-label: share of training examples that are two clips summed",
+    "noise_probability": "with --noise: share of training views mixed with a noise recording",
+    "noise_snr_min": "with --noise: lowest event-to-background ratio, dB",
+    "noise_snr_max": "with --noise: highest event-to-background ratio, dB",
 }
 
 
@@ -364,6 +367,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_nodes=args.num_nodes,
         keep=args.keep,
         rejection=args.rejection_score,
+        noise=args.noise,
     )
     if not is_global_zero():  # under DDP, rank 0 alone reports and plots
         return 0
@@ -380,7 +384,10 @@ def _train_frozen(args: argparse.Namespace, clips, valid, backbone: str, seed: i
     """``train --backbone birdnet`` or a ``+`` list: frozen embeddings + logistic
     regression (:func:`soundsight.frozen.train_frozen`)."""
     from .frozen import train_frozen
+    from .training import NOISE_FROZEN
 
+    if args.noise:
+        raise SoundsightError(NOISE_FROZEN)
     result = train_frozen(
         clips,
         args.out,
@@ -424,6 +431,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         args.cache,
         accept_licence=args.accept_licence,
         ensemble=args.ensemble,
+        noise=args.noise,
         pretrained=not args.no_pretrained,
         devices=args.devices,
         num_nodes=args.num_nodes,
@@ -804,9 +812,20 @@ def _args_train(p: argparse.ArgumentParser) -> None:
         help="with --resume: continue even though the data set changed since the run began",
     )
     _add_training_args(p)
+    _add_noise_arg(p)
     _add_feature_args(p)
     _add_score_args(p)
     _add_licence_arg(p)
+
+
+def _add_noise_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--noise",
+        nargs="+",
+        metavar="PATH",
+        help="background recordings (files or folders) mixed into training views at random "
+        "event-to-background ratios, for a model that will hear its sounds in noise",
+    )
 
 
 def _add_licence_arg(p: argparse.ArgumentParser) -> None:
@@ -836,6 +855,7 @@ def _args_cv(p: argparse.ArgumentParser) -> None:
         "logits, for predict/evaluate/serve/detect/export like any model",
     )
     _add_training_args(p)
+    _add_noise_arg(p)
     _add_feature_args(p)
     _add_score_args(p)
     _add_licence_arg(p)

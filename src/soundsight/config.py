@@ -245,6 +245,11 @@ class TrainConfig:
         Multi-label only: the share of training examples made by adding a second
         clip of the batch to a clip (their log-mels summed as powers, their labels
         united).
+    noise_probability : float
+        With background recordings given to ``train`` (``--noise DIR``): the share of
+        training views mixed with one of them (:class:`soundsight.data.BackgroundNoise`).
+    noise_snr_min, noise_snr_max : float
+        The range of event-to-background ratios (dB) noise is mixed at, drawn uniformly.
     """
 
     stage1_epochs: int = 1
@@ -267,6 +272,9 @@ class TrainConfig:
     linear_probe: bool = False
     multi_label: bool = False
     mix_probability: float = 0.5
+    noise_probability: float = 0.5
+    noise_snr_min: float = -6.0
+    noise_snr_max: float = 12.0
 
     def __post_init__(self):
         if self.stage1_epochs < 0 or self.stage2_epochs < 0:
@@ -275,6 +283,13 @@ class TrainConfig:
             raise ConfigError(f"need at least one epoch (or the linear probe): {self}")
         if not 0.0 <= self.mix_probability <= 1.0:
             raise ConfigError(f"mix_probability must be in [0, 1], got {self.mix_probability}")
+        if not 0.0 <= self.noise_probability <= 1.0:
+            raise ConfigError(f"noise_probability must be in [0, 1], got {self.noise_probability}")
+        if self.noise_snr_min > self.noise_snr_max:
+            raise ConfigError(
+                f"noise_snr_min ({self.noise_snr_min} dB) is above noise_snr_max "
+                f"({self.noise_snr_max} dB)"
+            )
         if self.multi_label and self.mixup > 0:
             raise ConfigError(
                 "mixup blends one label per clip; a multi-label model mixes clips instead "

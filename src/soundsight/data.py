@@ -151,6 +151,7 @@ class CachedClips(torch.utils.data.Dataset):
         view: ClipView,
         train: bool,
         weights: Sequence[float] | np.ndarray | None = None,
+        noise: BackgroundNoise | None = None,
     ):
         self.paths = [str(p) for p in paths]
         self.entries = [cache.stored_entry(p) for p in self.paths]
@@ -165,6 +166,7 @@ class CachedClips(torch.utils.data.Dataset):
         )
         self.view = view
         self.train = train
+        self.noise = noise
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -178,10 +180,61 @@ class CachedClips(torch.utils.data.Dataset):
                 f"({err.strerror or err})"
             ) from None
         if self.train:
-            x = torch.from_numpy(self.view.random(db))[None]
+            view = self.view.random(db)
+            x = torch.from_numpy(view if self.noise is None else self.noise(view))[None]
         else:
             x = torch.from_numpy(self.view.windows(db))[:, None]
         return x, self.targets[index], self.weights[index]
+
+
+#: Noise views :class:`BackgroundNoise` draws before giving up on a silent recording.
+NOISE_DRAWS = 8
+
+
+class BackgroundNoise:
+    """Training views mixed with background recordings: with ``probability``, a random
+    view of a random noise clip is added at an event-to-background ratio drawn
+    uniformly from ``snr_db`` (:func:`soundsight.features.add_log_mels`), so the
+    network learns sounds in noise, not only the clean clips it is given.
+
+    Noise clips are read from the feature cache like training clips (memory-mapped,
+    one random view at a time, so an hour of ambience costs no memory). A flat noise
+    view (digital silence: the floor where a recording is padded to length, or a
+    silent file's every bin) is drawn again, up to :data:`NOISE_DRAWS` times, then the
+    clip is left as it is.
+    """
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        paths: Sequence[str],
+        view: ClipView,
+        features: FeatureConfig,
+        probability: float,
+        snr_db: tuple[float, float],
+    ):
+        self.paths = [str(p) for p in paths]
+        self.entries = [cache.stored_entry(p) for p in self.paths]
+        self.view, self.features = view, features
+        self.probability, self.snr_db = probability, snr_db
+
+    def __call__(self, clip: np.ndarray) -> np.ndarray:
+        """``clip`` (one training view) with noise added, or as it is."""
+        from .features import add_log_mels
+
+        if not self.paths or float(torch.rand(())) >= self.probability:
+            return clip
+        for _ in range(NOISE_DRAWS):
+            index = int(torch.randint(0, len(self.paths), ()))
+            noise = self.view.random(np.load(self.entries[index], mmap_mode="r"))
+            if noise.max() > noise.min():
+                break
+        else:
+            return clip
+        low, high = self.snr_db
+        snr = low + (high - low) * float(torch.rand(()))
+        mixed = add_log_mels(torch.from_numpy(clip), torch.from_numpy(noise), self.features, snr)
+        return mixed.numpy()
 
 
 def collate_windows(items):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 
 from .cache import DEFAULT_CACHE, FeatureCache, JobReport, clip_key, prepare
-from .data import CachedClips, ClipView, collate_windows
+from .data import BackgroundNoise, CachedClips, ClipView, collate_windows
 from .distributed import is_global_zero, launch_rank
 from .evaluation import holdout
 from .features import FeatureConfig
@@ -131,6 +132,10 @@ class ClipDataModule(L.LightningDataModule):
         Resume even on a changed data set.
     progress : bool
         Show preparation's progress bar.
+    noise : sequence of paths, optional
+        Background recordings mixed into training views (``config.noise_probability``,
+        :class:`soundsight.data.BackgroundNoise`); prepared into the cache like clips,
+        listed in ``noise.csv``; one that fails to decode is reported and left out.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class ClipDataModule(L.LightningDataModule):
         resume: bool = False,
         force: bool = False,
         progress: bool = True,
+        noise: Sequence[str | os.PathLike] = (),
     ):
         super().__init__()
         self.out = Path(out)
@@ -167,6 +173,8 @@ class ClipDataModule(L.LightningDataModule):
         self._tables: dict[str, pd.DataFrame] = {}
         self._sets: dict[str, CachedClips] = {}
         self._kept: dict[str, np.ndarray] = {}
+        self._noise = [str(p) for p in noise]
+        self._noise_report: JobReport | None = None
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -188,6 +196,10 @@ class ClipDataModule(L.LightningDataModule):
             pd.concat([train, valid]), self.cache_root, self.features, self.progress
         )
         self._tables = {"train": train, "valid": valid}
+        if self._noise:
+            _, self._noise_report = prepare_shards(
+                pd.DataFrame({"path": self._noise}), self.cache_root, self.features, self.progress
+            )
 
     def _split(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         if self._given_valid is not None:
@@ -268,11 +280,48 @@ class ClipDataModule(L.LightningDataModule):
             split: int((target.sum(1) == 0).sum()) if multi else 0
             for split, target in targets.items()
         }
+        noise = self._background_noise(cache, view)
         self._sets = {
-            "train": CachedClips(cache, train["path"], targets["train"], view, True, weights),
+            "train": CachedClips(
+                cache, train["path"], targets["train"], view, True, weights, noise
+            ),
             "valid": CachedClips(cache, valid["path"], targets["valid"], view, False),
         }
         self._kept = {split: np.arange(len(self._tables[split])) for split in self._sets}
+
+    def _background_noise(self, cache: FeatureCache, view: ClipView) -> BackgroundNoise | None:
+        """The noise recordings that decoded (the others reported and left out), listed
+        in ``noise.csv``; None without any."""
+        if not self._noise:
+            return None
+        assert self._noise_report is not None
+        failures = sorted(self._noise_report.failures)
+        failed = {path for path, _ in failures}
+        if failures:
+            shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:3])
+            more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+            warnings.warn(
+                f"{len(failures)} noise recordings could not be decoded and are left out "
+                f"({shown}{more})",
+                stacklevel=4,
+            )
+        paths = [p for p in self._noise if p not in failed and p in cache]
+        if not paths:
+            raise DatasetError(
+                f"none of the {len(self._noise)} noise recordings decodes: nothing to mix "
+                "into training"
+            )
+        if self._is_global_zero():
+            write_csv(pd.DataFrame({"path": paths}), self.out / "noise.csv")
+        config = self.config
+        return BackgroundNoise(
+            cache,
+            paths,
+            view,
+            self.features,
+            config.noise_probability,
+            (config.noise_snr_min, config.noise_snr_max),
+        )
 
     def _cached(self, table: pd.DataFrame, cache: FeatureCache) -> pd.DataFrame:
         """The rows whose features are in the cache; a clip edited or deleted since it

@@ -310,17 +310,28 @@ def _check_splittable(table: pd.DataFrame, n_folds: int, grouped: bool) -> None:
 def make_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> list[np.ndarray]:
     """Validation row indices of each fold, stratified by label.
 
-    Uses the dataset's own ``fold`` column when it has exactly ``n_folds`` folds;
-    otherwise folds grouped by ``group`` (clips of one source recording or speaker
-    never straddle a split) when groups exist, else plain stratified folds.
+    Uses the dataset's own ``fold`` column when it has exactly ``n_folds`` folds, none
+    smaller than half the mean (a warning says when they are); otherwise folds grouped
+    by ``group`` (clips of one source recording or speaker never straddle a split) when
+    groups exist, else plain stratified folds.
     Labels with fewer clips than folds cannot appear in every fold: a warning says
     which, and they land in the training side of the folds that lack them.
     """
     labels = strata(table).to_numpy()
-    if table["fold"].notna().all() and table["fold"].nunique() == n_folds:
-        return [
-            np.flatnonzero(table["fold"].to_numpy() == f) for f in sorted(table["fold"].unique())
-        ]
+    own = table["fold"]
+    if own.notna().all() and own.nunique() == n_folds:
+        sizes = own.value_counts().sort_index()
+        # A subset of a data set (ESC-50's fold 2 with a few clips of other folds)
+        # can carry fold numbers that no longer split it: a fold of 1 clip validates
+        # nothing and one of 80% trains on nothing.
+        if sizes.min() >= 0.5 * len(table) / n_folds:
+            return [np.flatnonzero(own.to_numpy() == f) for f in sizes.index]
+        warnings.warn(
+            f"the data set's own {n_folds} folds are too unequal to cross-validate with "
+            f"(clips per fold: {', '.join(f'{k}: {v}' for k, v in sizes.items())}); drawing "
+            f"{n_folds} stratified folds instead",
+            stacklevel=2,
+        )
     grouped = bool(table["group"].notna().all())
     _check_splittable(table, n_folds, grouped)
     counts = pd.Series(labels).value_counts()

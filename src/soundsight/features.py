@@ -310,20 +310,50 @@ def _decibels(power: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(power.clamp_min(AMIN))
 
 
-def add_log_mels(first: torch.Tensor, second: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
+def add_log_mels(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    config: FeatureConfig,
+    snr_db: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """The features of two sounds played together, from their features (equal shapes,
-    the last two axes bands and frames): their mel powers summed, each clip at the
-    level its features hold it (the loudest bin of each at 0 dB), then referred to the
-    mixture's loudest bin and clipped as :class:`LogMel` does. On the aisfx scale,
+    the last two axes bands and frames): their mel powers summed, then referred to the
+    mixture's loudest bin and clipped as :class:`LogMel` does.
+
+    Each sound is at the level its features hold it (the loudest bin of each at 0 dB),
+    unless ``snr_db`` is given (a number, or a tensor of the leading axes' shape): then
+    ``second`` is scaled so that ``first``'s total power is ``snr_db`` dB above its own
+    (an event-to-background ratio). On the aisfx scale,
     ``log10(1 + AISFX_GAIN * S) / AISFX_RANGE - 1``, each side's power is recovered
-    from its value, summed, and scaled back (each clip was peak-normalised before)."""
+    from its value, summed, and scaled back (each clip was peak-normalised before).
+
+    Mixing in the mel-power domain (a library mixes waveforms) is what lets training
+    mix cached features: the power of a sum of independent sounds is, in expectation,
+    the sum of their powers, band by band.
+    """
     if config.front_end == "aisfx":
         power = [torch.pow(10.0, (x.float() + 1.0) * AISFX_RANGE) - 1.0 for x in (first, second)]
+        if snr_db is not None:
+            power[1] = power[1] * _snr_gain(power[0].sum((-2, -1)), power[1].sum((-2, -1)), snr_db)
         return torch.log10(1.0 + power[0] + power[1]) / AISFX_RANGE - 1.0
     to_natural = np.log(10.0) / 10.0  # dB to natural-log power, and back
-    db = torch.logaddexp(first.float() * to_natural, second.float() * to_natural) / to_natural
+    logs = [x.float() * to_natural for x in (first, second)]
+    if snr_db is not None:
+        energy = [torch.logsumexp(x.flatten(-2), -1).exp() for x in logs]
+        logs[1] = logs[1] + _snr_gain(energy[0], energy[1], snr_db).log()
+    db = torch.logaddexp(*logs) / to_natural
     db = db - db.amax(dim=(-2, -1), keepdim=True)
     return db if config.top_db is None else db.clamp_min(config.floor_db)
+
+
+def _snr_gain(
+    first: torch.Tensor, second: torch.Tensor, snr_db: torch.Tensor | float
+) -> torch.Tensor:
+    """The power gain, broadcastable over bands and frames, that puts total powers
+    ``second`` ``snr_db`` dB below ``first``."""
+    ratio = first / second.clamp_min(torch.finfo(torch.float32).tiny)
+    gain = ratio * torch.pow(10.0, -torch.as_tensor(snr_db, dtype=torch.float32) / 10.0)
+    return gain[..., None, None]
 
 
 def log_mel(waveform: np.ndarray, config: FeatureConfig) -> np.ndarray:

@@ -20,8 +20,10 @@ clips (:func:`soundsight.evaluation.tune_thresholds`), stored in the model file.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
@@ -55,7 +57,7 @@ from .evaluation import (
     write_metrics,
 )
 from .features import FeatureConfig, add_log_mels, flush_denormals
-from .layouts import is_multi_label
+from .layouts import DatasetError, is_multi_label
 from .modelfile import ModelSpec, check_fits, save_model_file
 from .models import (
     FoldEnsemble,
@@ -441,6 +443,36 @@ def _checkpoint(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage{stage}" / "last.ckpt"
 
 
+#: Why ``noise`` is refused for a frozen-embedding backbone.
+NOISE_FROZEN = (
+    "--noise mixes noise into fine-tuning's cached log-mels; a frozen-embedding backbone "
+    "embeds each clip once, as it is, so noise is not mixed into it (not built)"
+)
+
+
+def noise_recordings(
+    noise: str | os.PathLike | Sequence[str | os.PathLike] | None,
+) -> list[str]:
+    """The audio files of ``noise`` (files, or folders searched as ``predict`` does);
+    none for None.
+
+    Raises
+    ------
+    DatasetError
+        ``noise`` given, but holding no audio file.
+    """
+    if noise is None:
+        return []
+    from .layouts import audio_files
+
+    given = [noise] if isinstance(noise, str | os.PathLike) else list(noise)
+    paths, _ = audio_files(given)
+    if not paths:
+        shown = ", ".join(map(str, given[:3]))
+        raise DatasetError(f"{shown}: no audio recordings to use as background noise")
+    return paths
+
+
 def _data(
     clips: pd.DataFrame,
     out: Path,
@@ -487,6 +519,7 @@ def train(
     force: bool = False,
     keep: float = DEFAULT_KEEP,
     rejection: str = DEFAULT_REJECTION_SCORE,
+    noise: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> TrainResult:
     """Fine-tune a backbone on labelled clips and write ``out/model.safetensors``.
 
@@ -530,6 +563,11 @@ def train(
     rejection : str
         The rejection score of that threshold
         (:data:`soundsight.calibration.REJECTION_SCORES`).
+    noise : path or sequence of paths, optional
+        Background recordings (files, or folders searched for audio) mixed into
+        training views at random event-to-background ratios (``config``'s
+        ``noise_probability``, ``noise_snr_min``, ``noise_snr_max``): a model that
+        will hear its sounds in noise learns them in noise. Validation stays clean.
     """
     check_keep(keep)
     _refuse_frozen(model)
@@ -559,6 +597,7 @@ def train(
         resume=resuming,
         force=force,
         progress=progress,
+        noise=noise_recordings(noise),
     )
     module = _classifier(data, pretrained)
     background = data.background_clips
@@ -940,6 +979,8 @@ def cross_validate(
     config = config or TrainConfig()
     folds = make_folds(clips, n_folds, config.seed)
     frozen = model is not None and is_frozen_backbone(model.backbone)
+    if frozen and train_options.get("noise"):
+        raise ConfigError(NOISE_FROZEN)
     if ensemble and frozen:
         raise ConfigError(
             "--ensemble averages fine-tuned fold models; a frozen-embedding backbone's "

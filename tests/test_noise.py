@@ -1,0 +1,135 @@
+"""Background-noise augmentation: mixing cached log-mels at an event-to-background
+ratio, the training views it changes, and ``train --noise`` on real clips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import soundsight as ss
+from soundsight.audio import load_clip
+from soundsight.config import TrainConfig
+from soundsight.data import BackgroundNoise, ClipView
+from soundsight.features import FeatureConfig, LogMel, add_log_mels
+from soundsight.layouts import DatasetError
+from soundsight.training import train
+
+
+def _features(wave: np.ndarray, config: FeatureConfig) -> tuple[torch.Tensor, float]:
+    """A clip's log-mel (dB, loudest bin 0) and its absolute total mel power."""
+    logmel = LogMel(config)
+    with torch.inference_mode():
+        batch = torch.from_numpy(wave)[None]
+        return logmel(batch)[0], float(logmel.mel_power(batch).sum())
+
+
+@pytest.mark.parametrize("snr_db", [0.0, 12.0])
+def test_mixing_log_mels_at_a_ratio_matches_mixing_the_waveforms(fsdd_clips, esc_clips, snr_db):
+    config = FeatureConfig(sample_rate=8000, n_mels=64, n_fft=512, hop_length=128)
+    digit = load_clip(fsdd_clips[0], 8000)
+    noise = load_clip(esc_clips[0], 8000)[: len(digit)]
+    db_digit, power_digit = _features(digit, config)
+    db_noise, power_noise = _features(noise, config)
+    # The waveform gain that puts the noise's mel power snr_db below the digit's.
+    gain = np.sqrt(power_digit / power_noise * 10 ** (-snr_db / 10))
+    truth, _ = _features((digit + gain * noise).astype(np.float32), config)
+    mixed = add_log_mels(db_digit, db_noise, config, snr_db)
+    unscaled = add_log_mels(db_digit, db_noise, config)
+    audible = truth > -40  # where the mixture is, not the floor's fine grain
+    error = (mixed - truth)[audible].abs().mean()
+    assert error < 2.0  # dB: the cross terms of the two sounds' phases average out
+    assert error < (unscaled - truth)[audible].abs().mean()  # the level matters
+
+
+@pytest.mark.parametrize("front_end", ["log_mel_db", "aisfx"])
+def test_noise_far_below_the_clip_leaves_it_as_it_was(front_end):
+    config = FeatureConfig(front_end=front_end, top_db=None if front_end == "aisfx" else 80.0)
+    floor = config.floor_db
+    rng = np.random.default_rng(0)
+    # The clip spans the top third of the range, so noise 60 dB below its total power
+    # is far below each of its bins.
+    clip = torch.as_tensor(rng.uniform(floor / 3, 0, (1, 16, 20)), dtype=torch.float32)
+    clip[..., 0, 0] = 0.0
+    noise = torch.as_tensor(rng.uniform(floor, 0, (1, 16, 20)), dtype=torch.float32)
+    quiet = add_log_mels(clip, noise, config, 60.0)
+    torch.testing.assert_close(quiet, clip, atol=0.01 * abs(floor), rtol=0)
+    loud = add_log_mels(clip, noise, config, -20.0)  # now the noise is what is heard
+    assert (loud - clip).abs().mean() > 0.05 * abs(floor)
+
+
+def _cached(paths, tmp_path, config: FeatureConfig):
+    cache, report = ss.prepare([str(p) for p in paths], tmp_path / "cache", config, progress=False)
+    assert not report.failures
+    return cache
+
+
+def test_background_noise_mixes_the_share_of_views_asked_for(
+    fsdd_clips, esc_clips, tmp_path, write_audio
+):
+    config = FeatureConfig(sample_rate=8000)
+    silence = write_audio("silence.wav", np.zeros(3 * 8000, np.float32), 8000)
+    cache = _cached([*esc_clips[:2], silence, fsdd_clips[0]], tmp_path, config)
+    view = ClipView(config.floor_db, frames=40)
+    clip = view.random(np.load(cache.stored_entry(str(fsdd_clips[0]))))
+
+    def mixed_share(paths, probability) -> float:
+        noise = BackgroundNoise(cache, paths, view, config, probability, (0.0, 0.0))
+        torch.manual_seed(0)
+        return np.mean([not np.array_equal(noise(clip), clip) for _ in range(200)])
+
+    assert mixed_share(esc_clips[:2], 0.0) == 0.0
+    # These recordings are half digital silence (padded to 5 s): a silent stretch is
+    # drawn again, so nearly every view asked for gets noise.
+    assert mixed_share(esc_clips[:2], 1.0) > 0.95
+    assert 0.15 < mixed_share(esc_clips[:2], 0.3) < 0.45
+    assert mixed_share([silence], 1.0) == 0.0  # digital silence adds nothing
+    noise = BackgroundNoise(cache, esc_clips[:1], view, config, 1.0, (-6.0, -6.0))
+    assert noise(clip).shape == clip.shape and noise(clip).max() == 0.0
+
+
+def test_training_with_noise_lists_it_and_refuses_folders_without_audio(
+    fsdd_dir, esc_clips, tmp_path, run_cli
+):
+    clips = ss.load_dataset(fsdd_dir, split="train")
+    clips = clips.groupby("label").head(4).reset_index(drop=True)
+    valid = ss.load_dataset(fsdd_dir, split="test").groupby("label").head(1)
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for clip in esc_clips[:3]:
+        (noise / clip.name).symlink_to(clip)
+    (noise / "notes.txt").write_text("not audio")
+    (noise / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    config = TrainConfig(stage1_epochs=0, stage2_epochs=1, noise_probability=1.0)
+    with pytest.warns(UserWarning, match=r"1 noise recordings could not be decoded .*broken\.wav"):
+        result = train(
+            clips,
+            tmp_path / "run",
+            valid,
+            config=config,
+            cache=tmp_path / "cache",
+            progress=False,
+            noise=noise,
+        )
+    listed = pd.read_csv(tmp_path / "run" / "noise.csv")["path"]
+    assert sorted(listed) == sorted(str(noise / c.name) for c in esc_clips[:3])
+    assert result.model_path.is_file()
+    assert ss.read_spec(result.model_path).train["noise_probability"] == 1.0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="no audio recordings to use as background noise"):
+        train(clips, tmp_path / "run2", valid, config=config, progress=False, noise=empty)
+    with pytest.raises(ss.ConfigError, match="noise_snr_min"):
+        TrainConfig(noise_snr_min=6.0, noise_snr_max=0.0)
+    code, _, err = run_cli(
+        "train",
+        str(fsdd_dir),
+        "--out",
+        str(tmp_path / "frozen"),
+        "--backbone",
+        "aisfx+birdnet",
+        "--noise",
+        str(noise),
+    )
+    assert code != 0 and "frozen-embedding backbone" in err

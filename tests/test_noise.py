@@ -101,8 +101,12 @@ def test_training_with_noise_lists_it_and_refuses_folders_without_audio(
         (noise / clip.name).symlink_to(clip)
     (noise / "notes.txt").write_text("not audio")
     (noise / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    (noise / "gone.flac").symlink_to(tmp_path / "deleted.flac")
     config = TrainConfig(stage1_epochs=0, stage2_epochs=1, noise_probability=1.0)
-    with pytest.warns(UserWarning, match=r"1 noise recordings could not be decoded .*broken\.wav"):
+    with (
+        pytest.warns(UserWarning, match=r"1 noise recordings could not be decoded .*broken\.wav"),
+        pytest.warns(UserWarning, match=r"1 noise entries could not be listed .*gone\.flac"),
+    ):
         result = train(
             clips,
             tmp_path / "run",

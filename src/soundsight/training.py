@@ -466,7 +466,14 @@ def noise_recordings(
     from .layouts import audio_files
 
     given = [noise] if isinstance(noise, str | os.PathLike) else list(noise)
-    paths, _ = audio_files(given)
+    paths, skipped = audio_files(given)
+    if skipped:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(
+            f"{len(skipped)} noise entries could not be listed and are left out ({shown}{more})",
+            stacklevel=3,
+        )
     if not paths:
         shown = ", ".join(map(str, given[:3]))
         raise DatasetError(f"{shown}: no audio recordings to use as background noise")

@@ -20,10 +20,12 @@ from soundsight.detection import (
     file_timeline,
     find_events,
     timeline,
+    tune,
     window_starts,
 )
 from soundsight.errors import ConfigError
-from soundsight.evaluation import event_scores
+from soundsight.evaluation import event_scores, read_event_annotations
+from soundsight.prediction import Classifier
 from soundsight.soundscapes import make_soundscape, write_examples
 
 #: ESC-50 classes used as ambience (beds under the events).
@@ -159,6 +161,18 @@ def _line(probabilities: np.ndarray, labels=("dog", "background"), hop=0.25, win
         window_seconds=window,
         spectrogram=np.zeros((4, 1), np.float32),
     )
+
+
+def test_training_examples_keep_negative_examples_beside_the_beds(fsdd_dir, esc50_dir, tmp_path):
+    import soundfile as sf
+
+    meta = pd.read_csv(esc50_dir / "meta" / "esc50.csv")
+    dog = esc50_dir / "audio" / meta[meta["category"] == "dog"]["filename"].iloc[0]  # 5 s
+    events = [*_digits(fsdd_dir, test_side=False, per_digit=1), (dog, "background")]
+    write_examples(tmp_path, events, _ambient(esc50_dir, side=0), backgrounds=2, seconds=1.0)
+    written = {label: sorted((tmp_path / label).glob("*.wav")) for label in ("1", "background")}
+    assert [len(written[label]) for label in written] == [1, 3]  # the negative and 2 beds
+    assert {sf.info(path).frames for paths in written.values() for path in paths} == {22050}
 
 
 def test_events_are_smoothed_merged_and_short_ones_dropped():
@@ -408,3 +422,38 @@ def test_evaluate_cli_scores_detections_on_soundscapes(detector, soundscape, run
     bad.write_text(f"filename,onset,offset,event_label\n{path.name},2.0,1.0,1\n")
     code, _, stderr = run_cli("evaluate", detector, path.parent, "--events", bad)
     assert code == 2 and "line 2: onset 2.0 is after offset 1.0" in stderr
+
+
+def test_tuning_picks_the_best_post_processing_of_the_grid(detector, soundscape, run_cli, tmp_path):
+    path, truth = soundscape
+    csv = tmp_path / "events.csv"
+    truth.assign(filename=path.name)[["filename", "onset", "offset", "event_label"]].to_csv(
+        csv, index=False
+    )
+    labels = Classifier.load(detector).labels
+    reference = read_event_annotations(csv, path.parent, labels)
+    grid = {"threshold": (0.3, 0.5, 0.99), "smooth_seconds": (0.25, 0.75)}
+    best, table = tune(detector, reference, grid=grid, progress=False)
+    assert len(table) == 6 and table["segment_f1"].dropna().is_monotonic_decreasing
+    assert np.isnan(table["segment_f1"].iloc[-1])  # 0.99: nothing detected, ranked last
+    top = table.iloc[0]
+    assert (best.threshold, best.smooth_seconds) == (top.threshold, top.smooth_seconds)
+    assert best.merge_gap == DetectConfig().merge_gap  # left out of the grid: as given
+    # Each row scores what detect with its settings finds.
+    events_of = [label for label in labels if label != "background"]
+    for row in table.iloc[[0, -2]].itertuples():
+        settings = DetectConfig(threshold=row.threshold, smooth_seconds=row.smooth_seconds)
+        found = detect(detector, [path], settings, progress=False)
+        scores = event_scores(
+            reference, found.events.assign(filename=path.name), events_of, [path.name]
+        )
+        assert scores["segment_f1"] == pytest.approx(row.segment_f1, abs=1e-4)
+    with pytest.raises(ConfigError, match="only the post-processing fields"):
+        tune(detector, reference, grid={"hop_seconds": (0.5,)}, progress=False)
+    out = tmp_path / "t"
+    code, stdout, stderr = run_cli(
+        "evaluate", detector, path.parent, "--events", csv, "--tune", "segment_f1", "--out", out
+    )
+    assert code == 0, stderr
+    assert "best segment_f1" in stdout and "--smooth" in stdout
+    assert len(pd.read_csv(out / "tuning.csv")) == 5 * 5 * 4 * 2  # the default grid

@@ -1,5 +1,6 @@
 """Background-noise augmentation: mixing cached log-mels at an event-to-background
-ratio, the training views it changes, and ``train --noise`` on real clips."""
+ratio, the training views it changes, ``train --noise`` on real clips, and a data set's
+own background clips as the default noise."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import torch
 
 import soundsight as ss
 from soundsight.audio import load_clip
+from soundsight.cli import _recipe, build_parser
 from soundsight.config import TrainConfig
 from soundsight.data import BackgroundNoise, ClipView
 from soundsight.features import FeatureConfig, LogMel, add_log_mels
 from soundsight.layouts import DatasetError
-from soundsight.training import train
+from soundsight.training import _data, train
 
 
 def _features(wave: np.ndarray, config: FeatureConfig) -> tuple[torch.Tensor, float]:
@@ -137,3 +139,40 @@ def test_training_with_noise_lists_it_and_refuses_folders_without_audio(
         str(noise),
     )
     assert code != 0 and "frozen-embedding backbone" in err
+
+
+def test_a_data_sets_own_background_clips_are_its_default_noise(fsdd_dir, esc_clips, tmp_path):
+    digits = ss.load_dataset(fsdd_dir, split="train").groupby("label").head(3)
+    ambience = pd.DataFrame({"path": [str(p) for p in esc_clips[:6]], "label": "background"})
+    clips = pd.concat([digits, ambience.iloc[:4]], ignore_index=True)
+    valid = pd.concat(
+        [ss.load_dataset(fsdd_dir, split="test").groupby("label").head(1), ambience.iloc[4:]],
+        ignore_index=True,
+    )
+
+    def noise_of(table, valid_table, out, **options) -> list[str] | None:
+        config = TrainConfig(stage1_epochs=0, stage2_epochs=1, **options)
+        model = ss.ModelConfig()
+        options = {"valid": valid_table, "cache": tmp_path / "cache", "progress": False}
+        data = _data(table, tmp_path / out, config, FeatureConfig(), model, **options)
+        noise = data.train_dataloader().dataset.dataset.noise  # a Subset of CachedClips
+        listed = tmp_path / out / "noise.csv"
+        assert (noise is None) == (not listed.exists())
+        return None if noise is None else sorted(pd.read_csv(listed)["path"])
+
+    # The training side's background clips, never the validation side's.
+    assert noise_of(clips, valid, "single") == sorted(ambience["path"][:4])
+    assert noise_of(clips, valid, "off", background_noise=False) is None
+    assert noise_of(digits, valid[valid["label"] != "background"], "none") is None
+
+    # Multi-label: the clips with no label are the background.
+    def tagged(table):
+        labels = [() if label == "background" else (label,) for label in table["label"]]
+        return table.assign(labels=labels, label=[",".join(t) for t in labels])
+
+    multi = noise_of(tagged(clips), tagged(valid), "multi", multi_label=True)
+    assert multi == sorted(ambience["path"][:4])
+    # On by default; the CLI's --no-background-noise turns it off.
+    for flag, expected in (([], True), (["--no-background-noise"], False)):
+        args = build_parser().parse_args(["train", str(fsdd_dir), "--out", "x", *flag])
+        assert _recipe(args)[1].background_noise is expected

@@ -231,9 +231,12 @@ TRAIN_HELP = {
     "multi_label": "several labels per clip: sigmoid outputs, binary cross-entropy, "
     "per-class thresholds (set by itself for a multi-label layout)",
     "mix_probability": "multi-label: share of training examples that are two clips summed",
-    "noise_probability": "with --noise: share of training views mixed with a noise recording",
-    "noise_snr_min": "with --noise: lowest event-to-background ratio, dB",
-    "noise_snr_max": "with --noise: highest event-to-background ratio, dB",
+    "noise_probability": "share of training views mixed with noise (--noise, or the "
+    "background clips)",
+    "noise_snr_min": "lowest event-to-background ratio noise is mixed at, dB",
+    "noise_snr_max": "highest event-to-background ratio noise is mixed at, dB",
+    "background_noise": "without --noise: the training side's own 'background' clips (or "
+    "multi-label clips with no label) are the noise (default on)",
 }
 
 
@@ -248,7 +251,10 @@ def _add_config_flags(group, cls: type, helps: dict[str, str]) -> None:
         default = getattr(defaults, spec.name)
         flag = f"--{spec.name.replace('_', '-')}"
         if isinstance(default, bool):
-            group.add_argument(flag, action="store_true", default=None, help=helps[spec.name])
+            # --flag / --no-flag: a switch that is on by default can be turned off.
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=helps[spec.name]
+            )
             continue
         kind = {"stage2_lr": float, "crop_seconds": float, "image_size": int}.get(
             spec.name, type(default)
@@ -500,14 +506,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_events(args: argparse.Namespace) -> int:
     """``evaluate --events``: detect on the annotated files, score with sed_eval."""
-    from .detection import DetectConfig, detect
+    from .detection import detect
     from .evaluation import event_scores, read_event_annotations, write_json
     from .prediction import Classifier
     from .tables import write_csv
 
     classifier = Classifier.load(args.model)
-    settings = DetectConfig()
+    settings = _detect_settings(args)
     reference = read_event_annotations(args.events, args.data, classifier.labels)
+    if args.tune:
+        return _tune_detection(args, classifier, reference, settings)
     names = list(dict.fromkeys(reference["filename"]))
     paths = dict(zip(reference["path"], reference["filename"], strict=True))
     found = detect(classifier, list(paths), settings)
@@ -529,6 +537,30 @@ def _evaluate_events(args: argparse.Namespace) -> int:
         write_json(out / "event_metrics.json", scores)
         print(f"events and metrics written to {args.out}")
     return _report_failures(found.failures)
+
+
+def _tune_detection(args: argparse.Namespace, classifier, reference, settings) -> int:
+    """``evaluate --events --tune``: the best post-processing on the annotated set."""
+    from .detection import tune
+    from .tables import write_csv
+
+    best, table = tune(classifier, reference, settings, metric=args.tune)
+    print(table.head(10).to_string(index=False))
+    flags = " ".join(
+        f"--{flag} {value:g}"
+        for flag, value in (
+            ("smooth", best.smooth_seconds),
+            ("merge-gap", best.merge_gap),
+            ("min-duration", best.min_duration),
+            ("threshold", best.threshold),
+        )
+        if value is not None
+    )
+    print(f"best {args.tune} {table[args.tune].iloc[0]:.4f} of {len(table)} settings: {flags}")
+    if args.out:
+        write_csv(table, Path(args.out) / "tuning.csv")
+        print(f"every setting's scores written to {Path(args.out) / 'tuning.csv'}")
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -592,7 +624,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from .detection import DetectConfig, detect, write_events
+    from .detection import detect, write_events
     from .layouts import DatasetError, audio_files
 
     paths, skipped = audio_files(args.paths)
@@ -600,15 +632,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         warnings.warn(f"skipped {path}: {reason}", stacklevel=1)
     if not paths:
         raise DatasetError(f"no audio files in {', '.join(args.paths)}")
-    settings = DetectConfig(
-        hop_seconds=args.hop,
-        smooth_seconds=args.smooth,
-        threshold=args.threshold,
-        min_duration=args.min_duration,
-        merge_gap=args.merge_gap,
-        background=tuple(args.background or DetectConfig.background),
-    )
-    found = detect(args.model, paths, settings, picture_folder=args.plot)
+    found = detect(args.model, paths, _detect_settings(args), picture_folder=args.plot)
     if args.out:
         write_events(found, args.out)
         print(f"{len(found.events)} events in {len(found.durations)} files written to {args.out}")
@@ -862,6 +886,8 @@ def _args_cv(p: argparse.ArgumentParser) -> None:
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
+    from .detection import TUNING_METRICS
+
     p.add_argument("model", help="model file (model.safetensors)")
     _add_dataset_args(p)
     p.set_defaults(split="test")
@@ -873,6 +899,14 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
         "(file names relative to DATA); reports segment- and event-based F1 and "
         "error rate (sed_eval)",
     )
+    p.add_argument(
+        "--tune",
+        choices=TUNING_METRICS,
+        help="with --events: try every post-processing setting of the grid (threshold, "
+        "smoothing, gap merging, minimum duration) on these annotated recordings, a "
+        "validation set, and print the detect flags that score best on this metric",
+    )
+    _add_detect_settings(p)
 
 
 def _args_predict(p: argparse.ArgumentParser) -> None:
@@ -913,14 +947,32 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _args_detect(p: argparse.ArgumentParser) -> None:
+def _detect_settings(args: argparse.Namespace):
+    """The DetectConfig of ``detect``'s (and ``evaluate --events``') flags."""
     from .detection import DetectConfig
 
-    d = DetectConfig()
+    return DetectConfig(
+        hop_seconds=args.hop,
+        smooth_seconds=args.smooth,
+        threshold=args.threshold,
+        min_duration=args.min_duration,
+        merge_gap=args.merge_gap,
+        background=tuple(args.background or DetectConfig.background),
+    )
+
+
+def _args_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file (model.safetensors)")
     p.add_argument("paths", nargs="+", help="audio files or folders (any length)")
     p.add_argument("--out", help="events file: .csv (DCASE columns) or .json (default: print)")
     p.add_argument("--plot", help="folder for one PNG per file: spectrogram and event bands")
+    _add_detect_settings(p)
+
+
+def _add_detect_settings(p: argparse.ArgumentParser) -> None:
+    from .detection import DetectConfig
+
+    d = DetectConfig()
     group = p.add_argument_group("from probabilities to events")
     # Each numeric flag sets the DetectConfig field of the same meaning, defaulting to it.
     for flag, field, what in (

@@ -30,6 +30,10 @@ ENCODINGS = ("magma", "viridis", "grey")
 #: to the clip's loudest bin (Slaney mels), or aisfx's scale (HTK mels, peak-normalised
 #: waveform, ``log10(1 + 1e4 * S) / 9.4578``).
 FRONT_ENDS = ("log_mel_db", "aisfx")
+#: The label that means "none of the sounds": never an event for ``detect``
+#: (:class:`soundsight.detection.DetectConfig`), and the training side's clips of it
+#: are the default background noise (``TrainConfig.background_noise``).
+BACKGROUND_LABEL = "background"
 #: Longest training crop / evaluation window: longer views only cost memory.
 MAX_CROP_SECONDS = 30.0
 #: Most networks in one model file (``soundsight cv --ensemble``: one per fold); each
@@ -250,6 +254,11 @@ class TrainConfig:
         training views mixed with one of them (:class:`soundsight.data.BackgroundNoise`).
     noise_snr_min, noise_snr_max : float
         The range of event-to-background ratios (dB) noise is mixed at, drawn uniformly.
+    background_noise : bool
+        With no background recordings given: use the training side's own background
+        clips as the noise (clips labelled :data:`BACKGROUND_LABEL`, or multi-label
+        clips with no label), so a data set that holds "nothing here" examples trains
+        its sounds over them.
     """
 
     stage1_epochs: int = 1
@@ -275,6 +284,7 @@ class TrainConfig:
     noise_probability: float = 0.5
     noise_snr_min: float = -6.0
     noise_snr_max: float = 12.0
+    background_noise: bool = True
 
     def __post_init__(self):
         if self.stage1_epochs < 0 or self.stage2_epochs < 0:

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from .cache import DEFAULT_CACHE, FeatureCache, JobReport, clip_key, prepare
+from .config import BACKGROUND_LABEL
 from .data import BackgroundNoise, CachedClips, ClipView, collate_windows
 from .distributed import is_global_zero, launch_rank
 from .evaluation import holdout
@@ -280,7 +281,8 @@ class ClipDataModule(L.LightningDataModule):
             split: int((target.sum(1) == 0).sum()) if multi else 0
             for split, target in targets.items()
         }
-        noise = self._background_noise(cache, view)
+        own = targets["train"].sum(1) == 0 if multi else train["label"] == BACKGROUND_LABEL
+        noise = self._background_noise(cache, view, list(train["path"][np.asarray(own)]))
         self._sets = {
             "train": CachedClips(
                 cache, train["path"], targets["train"], view, True, weights, noise
@@ -289,11 +291,15 @@ class ClipDataModule(L.LightningDataModule):
         }
         self._kept = {split: np.arange(len(self._tables[split])) for split in self._sets}
 
-    def _background_noise(self, cache: FeatureCache, view: ClipView) -> BackgroundNoise | None:
-        """The noise recordings that decoded (the others reported and left out), listed
-        in ``noise.csv``; None without any."""
+    def _background_noise(
+        self, cache: FeatureCache, view: ClipView, own: list[str]
+    ) -> BackgroundNoise | None:
+        """The noise recordings that decoded (the others reported and left out), else
+        (``config.background_noise``) the training side's own background clips
+        ``own``; listed in ``noise.csv``. None without any."""
         if not self._noise:
-            return None
+            use_own = self.config.background_noise and bool(own)
+            return self._mixer(cache, view, own, "background clips") if use_own else None
         assert self._noise_report is not None
         failures = sorted(self._noise_report.failures)
         failed = {path for path, _ in failures}
@@ -311,8 +317,15 @@ class ClipDataModule(L.LightningDataModule):
                 f"none of the {len(self._noise)} noise recordings decodes: nothing to mix "
                 "into training"
             )
+        return self._mixer(cache, view, paths, "noise recordings")
+
+    def _mixer(
+        self, cache: FeatureCache, view: ClipView, paths: list[str], what: str
+    ) -> BackgroundNoise:
         if self._is_global_zero():
             write_csv(pd.DataFrame({"path": paths}), self.out / "noise.csv")
+            if self.progress:
+                print(f"training views mixed with {len(paths)} {what} as noise (noise.csv)")
         config = self.config
         return BackgroundNoise(
             cache,

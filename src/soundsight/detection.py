@@ -32,12 +32,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from .audio import AudioError, clip_duration
+from .config import BACKGROUND_LABEL
 from .errors import ConfigError
 from .files import write_whole
 from .prediction import STREAM_SECONDS, Classifier, score_windows
@@ -77,7 +79,7 @@ class DetectConfig:
     threshold: float | None = None
     min_duration: float = 0.1
     merge_gap: float = 0.3
-    background: tuple[str, ...] = ("background",)
+    background: tuple[str, ...] = (BACKGROUND_LABEL,)
 
     def __post_init__(self):
         if not (math.isfinite(self.hop_seconds) and 0.01 <= self.hop_seconds <= 10):
@@ -443,6 +445,95 @@ def detect(
             write_whole(target, partial(figure.savefig, format="png", dpi=110))
     events = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=EVENT_COLUMNS)
     return Detection(events, durations, failures, kept)
+
+
+#: The post-processing settings :func:`tune` tries, every combination of them.
+TUNING_GRID: dict[str, tuple[float, ...]] = {
+    "threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "smooth_seconds": (0.25, 0.75, 1.25, 1.75, 2.5),
+    "merge_gap": (0.3, 0.6, 1.0, 1.5),
+    "min_duration": (0.1, 0.3),
+}
+#: The scores :func:`tune` can maximise (:func:`soundsight.evaluation.event_scores`).
+TUNING_METRICS = ("segment_f1", "event_f1")
+
+
+def tune(
+    model: str | os.PathLike | Classifier,
+    reference: pd.DataFrame,
+    settings: DetectConfig | None = None,
+    grid: dict[str, Sequence[float]] | None = None,
+    metric: str = "segment_f1",
+    progress: bool = True,
+) -> tuple[DetectConfig, pd.DataFrame]:
+    """The post-processing settings (threshold, smoothing, gap merging, minimum
+    duration) that score best on annotated recordings: a validation set, never the
+    recordings the settings will be judged on.
+
+    The windows are scored once (:func:`detect` with ``settings``' hop); each
+    combination of ``grid`` only turns the kept timelines into events again and scores
+    them with sed_eval, so a grid of a hundred settings costs seconds.
+
+    Parameters
+    ----------
+    model : path or Classifier
+    reference : DataFrame
+        Annotated events with ``path`` (:func:`soundsight.evaluation.read_event_annotations`);
+        every file listed is scored, those with no event too.
+    settings : DetectConfig, optional
+        The hop and background labels, and the values of fields ``grid`` leaves out.
+    grid : dict, optional
+        Field name to the values to try (default :data:`TUNING_GRID`). A model with
+        tuned per-class thresholds also tries them (``threshold`` None).
+    metric : str
+        One of :data:`TUNING_METRICS`.
+
+    Returns
+    -------
+    best, table
+        The best settings, and every combination tried with its scores, best first.
+    """
+    import itertools
+    from dataclasses import replace
+
+    from .evaluation import event_scores
+
+    if metric not in TUNING_METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose from {TUNING_METRICS}")
+    settings = settings or DetectConfig()
+    classifier = model if isinstance(model, Classifier) else Classifier.load(model)
+    grid_: dict[str, Sequence[Any]] = dict(TUNING_GRID if grid is None else grid)
+    unknown = set(grid_) - {"threshold", "smooth_seconds", "merge_gap", "min_duration"}
+    if unknown:
+        raise ConfigError(f"cannot tune {sorted(unknown)}: only the post-processing fields")
+    if "threshold" in grid_ and classifier.spec.thresholds:
+        grid_["threshold"] = (None, *grid_["threshold"])
+    paths = list(dict.fromkeys(reference["path"]))
+    found = detect(classifier, paths, settings, progress=progress, keep_timelines=True)
+    names = dict(zip(reference["path"], reference["filename"], strict=False))
+    scored = [names[p] for p in paths if p in found.timelines]
+    labels = [label for label in classifier.labels if label not in settings.background]
+    rows = []
+    for values in itertools.product(*grid_.values()):
+        trial: DetectConfig = replace(settings, **dict(zip(grid_, values, strict=True)))
+        limits = thresholds(classifier, trial)
+        tables = [
+            find_events(line, trial, limits).assign(filename=names[path])
+            for path, line in found.timelines.items()
+        ]
+        scores = event_scores(reference, pd.concat(tables, ignore_index=True), labels, scored)
+        rows.append({**dict(zip(grid_, values, strict=True)), **_overall(scores)})
+    # sed_eval's F1 is NaN where nothing was detected: such settings rank last.
+    table = pd.DataFrame(rows).sort_values(
+        metric, ascending=False, kind="stable", na_position="last"
+    )
+    best = table.iloc[0]
+    chosen: dict[str, Any] = {k: None if pd.isna(best[k]) else float(best[k]) for k in grid_}
+    return replace(settings, **chosen), table.reset_index(drop=True)
+
+
+def _overall(scores: dict) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in scores.items() if k not in ("per_class", "files")}
 
 
 def write_events(found: Detection, out: str | os.PathLike) -> Path:

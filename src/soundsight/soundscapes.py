@@ -173,7 +173,10 @@ def write_examples(
     """Training clips for a detector, in the ``folder`` layout (``<label>/<n>.wav``):
     each event clip (trimmed, cut to ``seconds``) at a random offset over a bed of
     ambience of ``seconds``, and ``backgrounds`` beds alone labelled
-    ``background_label``. Returns ``folder``."""
+    ``background_label``. An event clip longer than ``seconds`` gives a random stretch
+    of it (a clip listed several times gives several stretches); one labelled
+    ``background_label`` is a negative example (a sound that is none of the events, over
+    the bed). Returns ``folder``."""
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     need = int(round(seconds * sample_rate))
@@ -189,11 +192,13 @@ def write_examples(
 
     for number, (path, label) in enumerate(events):
         bed = ambience(ambient, seconds, sample_rate, rng)
-        clip = trimmed(load_clip(path, sample_rate))[:need]
+        clip = trimmed(load_clip(path, sample_rate))
+        begin = int(rng.integers(max(len(clip) - need, 0) + 1))
+        clip = clip[begin : begin + need]
         at = int(rng.integers(need - len(clip) + 1))
         gain = 10 ** (rng.uniform(*snr_db) / 20) * _rms(bed) / _rms(clip)
         bed[at : at + len(clip)] += gain * clip
         write(label, number, bed)
-    for number in range(backgrounds):
+    for number in range(len(events), len(events) + backgrounds):
         write(background_label, number, ambience(ambient, seconds, sample_rate, rng))
     return folder

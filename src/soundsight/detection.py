@@ -472,7 +472,8 @@ def tune(
 
     The windows are scored once (:func:`detect` with ``settings``' hop); each
     combination of ``grid`` only turns the kept timelines into events again and scores
-    them with sed_eval, so a grid of a hundred settings costs seconds.
+    them with sed_eval (about 0.06 s a setting on ten 1-minute recordings). A file that
+    cannot be read is named in a warning and left out.
 
     Parameters
     ----------
@@ -510,6 +511,9 @@ def tune(
         grid_["threshold"] = (None, *grid_["threshold"])
     paths = list(dict.fromkeys(reference["path"]))
     found = detect(classifier, paths, settings, progress=progress, keep_timelines=True)
+    if found.failures:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in found.failures[:3])
+        warnings.warn(f"{len(found.failures)} files left out of tuning ({shown})", stacklevel=2)
     names = dict(zip(reference["path"], reference["filename"], strict=False))
     scored = [names[p] for p in paths if p in found.timelines]
     labels = [label for label in classifier.labels if label not in settings.background]

@@ -73,9 +73,12 @@ def peak_rss_mb(command: list[str]) -> tuple[float, float, int]:
         done = subprocess.run(
             [sys.executable, "-c", _LAUNCHER, *command], stdout=subprocess.PIPE, stderr=log
         )
+        log.seek(0)
+        if done.returncode:  # the launcher itself failed: the command could not start
+            tail = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"could not run {command[0]}: {tail}")
         rss_kb, wall, status = done.stdout.split()
         if int(status):
-            log.seek(0)
             print(log.read().decode(errors="replace")[-2000:], file=sys.stderr)
     return int(rss_kb) / 1024, float(wall), int(status)
 

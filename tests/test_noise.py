@@ -1,6 +1,6 @@
 """Background-noise augmentation: mixing cached log-mels at an event-to-background
 ratio, the training views it changes, ``train --noise`` on real clips, and a data set's
-own background clips as the default noise."""
+own background clips, or its clips' quiet stretches, as the default noise."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import soundsight as ss
 from soundsight.audio import load_clip
 from soundsight.cli import _recipe, build_parser
 from soundsight.config import TrainConfig
-from soundsight.data import BackgroundNoise, ClipView
+from soundsight.data import BackgroundNoise, ClipView, quiet_frames, quiet_stretch_bank
 from soundsight.features import FeatureConfig, LogMel, add_log_mels
 from soundsight.layouts import DatasetError
 from soundsight.training import _data, train
@@ -91,6 +91,48 @@ def test_background_noise_mixes_the_share_of_views_asked_for(
     assert noise(clip).shape == clip.shape and noise(clip).max() == 0.0
 
 
+@pytest.mark.parametrize("front_end", ["log_mel_db", "aisfx"])
+def test_quiet_frames_are_the_background_under_a_clips_loud_part(front_end):
+    config = FeatureConfig(front_end=front_end, top_db=None if front_end == "aisfx" else 80.0)
+    rng = np.random.default_rng(0)
+    bands = 16
+    loud = rng.uniform(-10.0, 0.0, (bands, 5))  # dB under the loudest bin
+    hum = rng.uniform(-50.0, -40.0, (bands, 4))  # 40 dB and more under the loud frames
+    padding = np.full((bands, 3), -80.0)  # flat: where the clip was padded
+    db = np.concatenate([hum[:, :2], loud, padding, hum[:, 2:]], axis=1)
+    if front_end == "aisfx":  # the same powers on aisfx's scale
+        from soundsight.features import AISFX_GAIN, AISFX_RANGE
+
+        db = np.log10(1.0 + AISFX_GAIN * 10.0 ** (db / 10.0)) / AISFX_RANGE - 1.0
+    db = db.astype(np.float16)  # as cached
+    np.testing.assert_array_equal(
+        quiet_frames(db, config), np.concatenate([db[:, :2], db[:, 10:]], 1)
+    )
+    assert quiet_frames(db, config, below_db=60.0).shape[1] == 0  # nothing that quiet
+
+
+def test_quiet_stretches_of_real_clips_are_noise_for_training_views(fsdd_clips, tmp_path):
+    config = FeatureConfig(sample_rate=8000)
+    cache = _cached(fsdd_clips, tmp_path, config)
+    # Spoken digits trimmed close: 0-14 quiet frames a clip (58 in these 20).
+    view = ClipView(config.floor_db, frames=10)
+    paths = [str(p) for p in fsdd_clips]
+    bank, frames = quiet_stretch_bank(cache, paths, view, config)
+    assert bank is not None and set(frames) < set(paths)  # some clips have none
+    assert bank.shape == (config.n_mels, sum(frames.values())) and bank.shape[1] >= 40
+    for path, count in frames.items():
+        assert count == quiet_frames(np.load(cache.stored_entry(path)), config).shape[1]
+    noise = BackgroundNoise(cache, [], view, config, 1.0, (0.0, 0.0), bank)
+    clip = view.random(np.load(cache.stored_entry(paths[0])))
+    torch.manual_seed(0)
+    mixed = noise(clip)
+    assert mixed.shape == clip.shape and not np.array_equal(mixed, clip)
+    # Capped, and too few frames for one view is no bank at all.
+    assert quiet_stretch_bank(cache, paths, view, config, 25)[0].shape[1] == 25
+    wide = ClipView(config.floor_db, frames=10_000)
+    assert quiet_stretch_bank(cache, paths, wide, config) == (None, {})
+
+
 def test_training_with_noise_lists_it_and_refuses_folders_without_audio(
     fsdd_dir, esc_clips, tmp_path, run_cli
 ):
@@ -163,7 +205,13 @@ def test_a_data_sets_own_background_clips_are_its_default_noise(fsdd_dir, esc_cl
     # The training side's background clips, never the validation side's.
     assert noise_of(clips, valid, "single") == sorted(ambience["path"][:4])
     assert noise_of(clips, valid, "off", background_noise=False) is None
-    assert noise_of(digits, valid[valid["label"] != "background"], "none") is None
+    # Without background clips: the training clips' quiet stretches (FSDD's digits
+    # have a few frames of room tone around each word).
+    digits_only = valid[valid["label"] != "background"]
+    quiet = noise_of(digits, digits_only, "quiet")
+    assert quiet and set(quiet) <= set(digits["path"])
+    assert (pd.read_csv(tmp_path / "quiet" / "noise.csv")["quiet_frames"] > 0).all()
+    assert noise_of(digits, digits_only, "none", background_noise=False) is None
 
     # Multi-label: the clips with no label are the background.
     def tagged(table):

@@ -236,7 +236,8 @@ TRAIN_HELP = {
     "noise_snr_min": "lowest event-to-background ratio noise is mixed at, dB",
     "noise_snr_max": "highest event-to-background ratio noise is mixed at, dB",
     "background_noise": "without --noise: the training side's own 'background' clips (or "
-    "multi-label clips with no label) are the noise (default on)",
+    "multi-label clips with no label) are the noise, or, with none, its clips' quiet "
+    "stretches (default on)",
 }
 
 

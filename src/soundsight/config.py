@@ -258,7 +258,8 @@ class TrainConfig:
         With no background recordings given: use the training side's own background
         clips as the noise (clips labelled :data:`BACKGROUND_LABEL`, or multi-label
         clips with no label), so a data set that holds "nothing here" examples trains
-        its sounds over them.
+        its sounds over them; a data set without any, the quiet stretches of its
+        training clips (:func:`soundsight.data.quiet_stretch_bank`).
     """
 
     stage1_epochs: int = 1

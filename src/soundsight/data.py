@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -189,6 +190,30 @@ class CachedClips(torch.utils.data.Dataset):
 
 #: Noise views :class:`BackgroundNoise` draws before giving up on a silent recording.
 NOISE_DRAWS = 8
+#: A quiet stretch: frames at least this many dB under their clip's loudest frame.
+QUIET_DB = 25.0
+#: Frames of quiet stretches :meth:`BackgroundNoise.quiet_stretches` keeps at most
+#: (about 10 minutes at the default hop; 128 mels in float16: 12 MB), and clips it reads
+#: at most for them (a few seconds of setup however large the data set).
+QUIET_FRAMES = 50_000
+QUIET_CLIPS = 5_000
+
+
+def quiet_frames(db: np.ndarray, features: FeatureConfig, below_db: float = QUIET_DB) -> np.ndarray:
+    """The frames of a clip's cached features ``(n_mels, T)`` whose power, summed over
+    the bands, is at least ``below_db`` dB under that of the clip's loudest frame: its
+    quiet stretches, ``(n_mels, k)`` in their order.
+
+    A quiet stretch is the recording's own background (room tone, hiss, distant
+    ambience). Flat frames (every band equal: the floor where a clip was padded, or
+    digital silence) are absent sound, not background, and are left out.
+    """
+    from .features import mel_power
+
+    values = np.asarray(db, np.float32)  # aisfx's scale overflows float16 as power
+    level = mel_power(values, features).sum(0)
+    quiet = level <= level.max() * 10.0 ** (-below_db / 10.0)
+    return db[:, quiet & (values.max(0) > values.min(0))]
 
 
 class BackgroundNoise:
@@ -198,10 +223,11 @@ class BackgroundNoise:
     network learns sounds in noise, not only the clean clips it is given.
 
     Noise clips are read from the feature cache like training clips (memory-mapped,
-    one random view at a time, so an hour of ambience costs no memory). A flat noise
-    view (digital silence: the floor where a recording is padded to length, or a
-    silent file's every bin) is drawn again, up to :data:`NOISE_DRAWS` times, then the
-    clip is left as it is.
+    one random view at a time, so an hour of ambience costs no memory); ``bank``, the
+    features of quiet stretches end to end (:func:`quiet_stretch_bank`), is one more
+    noise clip, held in memory. A flat noise view (digital silence: the floor where a
+    recording is padded to length, or a silent file's every bin) is drawn again, up to
+    :data:`NOISE_DRAWS` times, then the clip is left as it is.
     """
 
     def __init__(
@@ -212,9 +238,12 @@ class BackgroundNoise:
         features: FeatureConfig,
         probability: float,
         snr_db: tuple[float, float],
+        bank: np.ndarray | None = None,
     ):
         self.paths = [str(p) for p in paths]
-        self.entries = [cache.stored_entry(p) for p in self.paths]
+        self.sources: list[Path | np.ndarray] = [cache.stored_entry(p) for p in self.paths]
+        if bank is not None:
+            self.sources.append(bank)
         self.view, self.features = view, features
         self.probability, self.snr_db = probability, snr_db
 
@@ -222,11 +251,12 @@ class BackgroundNoise:
         """``clip`` (one training view) with noise added, or as it is."""
         from .features import add_log_mels
 
-        if not self.paths or float(torch.rand(())) >= self.probability:
+        if not self.sources or float(torch.rand(())) >= self.probability:
             return clip
         for _ in range(NOISE_DRAWS):
-            index = int(torch.randint(0, len(self.paths), ()))
-            noise = self.view.random(np.load(self.entries[index], mmap_mode="r"))
+            source = self.sources[int(torch.randint(0, len(self.sources), ()))]
+            db = np.load(source, mmap_mode="r") if isinstance(source, Path) else source
+            noise = self.view.random(db)
             if noise.max() > noise.min():
                 break
         else:
@@ -235,6 +265,39 @@ class BackgroundNoise:
         snr = low + (high - low) * float(torch.rand(()))
         mixed = add_log_mels(torch.from_numpy(clip), torch.from_numpy(noise), self.features, snr)
         return mixed.numpy()
+
+
+def quiet_stretch_bank(
+    cache: FeatureCache,
+    paths: Sequence[str],
+    view: ClipView,
+    features: FeatureConfig,
+    limit: int = QUIET_FRAMES,
+) -> tuple[np.ndarray | None, dict[str, int]]:
+    """The quiet stretches (:func:`quiet_frames`) of the cached clips ``paths`` end to
+    end, ``(n_mels, frames)``: the ``bank`` of :class:`BackgroundNoise` for a data set
+    without background recordings, whose sounds are then also learnt over their own
+    recordings' background, made louder. Clips are read in a seeded random order until
+    ``limit`` frames, or :data:`QUIET_CLIPS` clips. Returns the bank (None with fewer
+    frames than one ``view``, or in squash mode, where a view is a whole clip) and each
+    contributing clip's frame count."""
+    if view.frames is None:
+        return None, {}
+    order = np.random.default_rng(0).permutation(len(paths))
+    stretches, counts, total = [], {}, 0
+    for index in order[:QUIET_CLIPS]:
+        path = str(paths[index])
+        quiet = quiet_frames(np.load(cache.stored_entry(path), mmap_mode="r"), features)
+        quiet = quiet[:, : limit - total]
+        if quiet.shape[1]:
+            stretches.append(quiet)
+            counts[path] = quiet.shape[1]
+            total += quiet.shape[1]
+        if total >= limit:
+            break
+    if total < view.frames:
+        return None, {}
+    return np.concatenate(stretches, axis=1), counts
 
 
 def collate_windows(items):

@@ -31,7 +31,7 @@ import torch
 
 from .cache import DEFAULT_CACHE, FeatureCache, JobReport, clip_key, prepare
 from .config import BACKGROUND_LABEL
-from .data import BackgroundNoise, CachedClips, ClipView, collate_windows
+from .data import BackgroundNoise, CachedClips, ClipView, collate_windows, quiet_stretch_bank
 from .distributed import is_global_zero, launch_rank
 from .evaluation import holdout
 from .features import FeatureConfig
@@ -282,7 +282,9 @@ class ClipDataModule(L.LightningDataModule):
             for split, target in targets.items()
         }
         own = targets["train"].sum(1) == 0 if multi else train["label"] == BACKGROUND_LABEL
-        noise = self._background_noise(cache, view, list(train["path"][np.asarray(own)]))
+        noise = self._background_noise(
+            cache, view, list(train["path"][np.asarray(own)]), list(train["path"])
+        )
         self._sets = {
             "train": CachedClips(
                 cache, train["path"], targets["train"], view, True, weights, noise
@@ -292,14 +294,18 @@ class ClipDataModule(L.LightningDataModule):
         self._kept = {split: np.arange(len(self._tables[split])) for split in self._sets}
 
     def _background_noise(
-        self, cache: FeatureCache, view: ClipView, own: list[str]
+        self, cache: FeatureCache, view: ClipView, own: list[str], clips: list[str]
     ) -> BackgroundNoise | None:
         """The noise recordings that decoded (the others reported and left out), else
         (``config.background_noise``) the training side's own background clips
-        ``own``; listed in ``noise.csv``. None without any."""
+        ``own``, else the quiet stretches of its ``clips``; listed in ``noise.csv``.
+        None without any."""
         if not self._noise:
-            use_own = self.config.background_noise and bool(own)
-            return self._mixer(cache, view, own, "background clips") if use_own else None
+            if not self.config.background_noise:
+                return None
+            if own:
+                return self._mixer(cache, view, own, "background clips")
+            return self._quiet_stretches(cache, view, clips)
         assert self._noise_report is not None
         failures = sorted(self._noise_report.failures)
         failed = {path for path, _ in failures}
@@ -322,10 +328,7 @@ class ClipDataModule(L.LightningDataModule):
     def _mixer(
         self, cache: FeatureCache, view: ClipView, paths: list[str], what: str
     ) -> BackgroundNoise:
-        if self._is_global_zero():
-            write_csv(pd.DataFrame({"path": paths}), self.out / "noise.csv")
-            if self.progress:
-                print(f"training views mixed with {len(paths)} {what} as noise (noise.csv)")
+        self._list_noise(pd.DataFrame({"path": paths}), f"{len(paths)} {what}")
         config = self.config
         return BackgroundNoise(
             cache,
@@ -335,6 +338,33 @@ class ClipDataModule(L.LightningDataModule):
             config.noise_probability,
             (config.noise_snr_min, config.noise_snr_max),
         )
+
+    def _quiet_stretches(
+        self, cache: FeatureCache, view: ClipView, clips: list[str]
+    ) -> BackgroundNoise | None:
+        bank, frames = quiet_stretch_bank(cache, clips, view, self.features)
+        if bank is None:
+            return None
+        seconds = bank.shape[1] * self.features.hop_length / self.features.sample_rate
+        table = pd.DataFrame({"path": list(frames), "quiet_frames": list(frames.values())})
+        self._list_noise(table, f"the quiet stretches of {len(frames)} clips ({seconds:.0f} s)")
+        config = self.config
+        return BackgroundNoise(
+            cache,
+            [],
+            view,
+            self.features,
+            config.noise_probability,
+            (config.noise_snr_min, config.noise_snr_max),
+            bank,
+        )
+
+    def _list_noise(self, table: pd.DataFrame, what: str) -> None:
+        """Write ``noise.csv`` (once, on the first process) and say what the noise is."""
+        if self._is_global_zero():
+            write_csv(table, self.out / "noise.csv")
+            if self.progress:
+                print(f"training views mixed with {what} as noise (noise.csv)")
 
     def _cached(self, table: pd.DataFrame, cache: FeatureCache) -> pd.DataFrame:
         """The rows whose features are in the cache; a clip edited or deleted since it

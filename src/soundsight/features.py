@@ -14,11 +14,14 @@ import functools
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from .config import FeatureConfig
+
+T = TypeVar("T", np.ndarray, torch.Tensor)
 
 #: Floor on mel power before the logarithm, as librosa's ``amin``.
 AMIN = 1e-10
@@ -332,7 +335,7 @@ def add_log_mels(
     the sum of their powers, band by band.
     """
     if config.front_end == "aisfx":
-        power = [torch.pow(10.0, (x.float() + 1.0) * AISFX_RANGE) - 1.0 for x in (first, second)]
+        power = [mel_power(x.float(), config) for x in (first, second)]
         if snr_db is not None:
             power[1] = power[1] * _snr_gain(power[0].sum((-2, -1)), power[1].sum((-2, -1)), snr_db)
         return torch.log10(1.0 + power[0] + power[1]) / AISFX_RANGE - 1.0
@@ -344,6 +347,15 @@ def add_log_mels(
     db = torch.logaddexp(*logs) / to_natural
     db = db - db.amax(dim=(-2, -1), keepdim=True)
     return db if config.top_db is None else db.clamp_min(config.floor_db)
+
+
+def mel_power(features: T, config: FeatureConfig) -> T:
+    """The mel power (relative to the clip's reference, as cached) behind features on
+    ``config``'s scale: ``10 ** (dB / 10)``, or aisfx's scale inverted; numpy arrays or
+    torch tensors."""
+    if config.front_end == "aisfx":
+        return 10.0 ** ((features + 1.0) * AISFX_RANGE) - 1.0
+    return 10.0 ** (features / 10.0)
 
 
 def _snr_gain(

@@ -4,6 +4,8 @@ own background clips, or its clips' quiet stretches, as the default noise."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 import soundsight as ss
 from soundsight.audio import load_clip
+from soundsight.cache import CacheError
 from soundsight.cli import _recipe, build_parser
 from soundsight.config import TrainConfig
 from soundsight.data import BackgroundNoise, ClipView, quiet_frames, quiet_stretch_bank
@@ -131,6 +134,10 @@ def test_quiet_stretches_of_real_clips_are_noise_for_training_views(fsdd_clips, 
     assert quiet_stretch_bank(cache, paths, view, config, 25)[0].shape[1] == 25
     wide = ClipView(config.floor_db, frames=10_000)
     assert quiet_stretch_bank(cache, paths, wide, config) == (None, {})
+    # A clip whose cached features are gone is named, as training names it.
+    cache.stored_entry(paths[3]).unlink()
+    with pytest.raises(CacheError, match=re.escape(paths[3])):
+        quiet_stretch_bank(cache, paths, view, config)
 
 
 def test_training_with_noise_lists_it_and_refuses_folders_without_audio(

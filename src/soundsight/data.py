@@ -173,13 +173,7 @@ class CachedClips(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        try:
-            db = np.load(self.entries[index], mmap_mode="r")
-        except OSError as err:
-            raise CacheError(
-                f"{self.paths[index]}: its features {self.entries[index]} cannot be read "
-                f"({err.strerror or err})"
-            ) from None
+        db = read_entry(self.paths[index], self.entries[index])
         if self.train:
             view = self.view.random(db)
             x = torch.from_numpy(view if self.noise is None else self.noise(view))[None]
@@ -188,11 +182,27 @@ class CachedClips(torch.utils.data.Dataset):
         return x, self.targets[index], self.weights[index]
 
 
+def read_entry(path: str, entry: Path) -> np.ndarray:
+    """The cached features ``entry`` of the clip at ``path``, memory-mapped.
+
+    Raises
+    ------
+    CacheError
+        The entry cannot be read (naming the clip and the entry).
+    """
+    try:
+        return np.load(entry, mmap_mode="r")
+    except OSError as err:
+        raise CacheError(
+            f"{path}: its features {entry} cannot be read ({err.strerror or err})"
+        ) from None
+
+
 #: Noise views :class:`BackgroundNoise` draws before giving up on a silent recording.
 NOISE_DRAWS = 8
 #: A quiet stretch: frames at least this many dB under their clip's loudest frame.
 QUIET_DB = 25.0
-#: Frames of quiet stretches :meth:`BackgroundNoise.quiet_stretches` keeps at most
+#: Frames of quiet stretches :func:`quiet_stretch_bank` keeps at most
 #: (about 10 minutes at the default hop; 128 mels in float16: 12 MB), and clips it reads
 #: at most for them (a few seconds of setup however large the data set).
 QUIET_FRAMES = 50_000
@@ -240,8 +250,7 @@ class BackgroundNoise:
         snr_db: tuple[float, float],
         bank: np.ndarray | None = None,
     ):
-        self.paths = [str(p) for p in paths]
-        self.sources: list[Path | np.ndarray] = [cache.stored_entry(p) for p in self.paths]
+        self.sources: list[Path | np.ndarray] = [cache.stored_entry(p) for p in paths]
         if bank is not None:
             self.sources.append(bank)
         self.view, self.features = view, features
@@ -287,7 +296,7 @@ def quiet_stretch_bank(
     stretches, counts, total = [], {}, 0
     for index in order[:QUIET_CLIPS]:
         path = str(paths[index])
-        quiet = quiet_frames(np.load(cache.stored_entry(path), mmap_mode="r"), features)
+        quiet = quiet_frames(read_entry(path, cache.stored_entry(path)), features)
         quiet = quiet[:, : limit - total]
         if quiet.shape[1]:
             stretches.append(quiet)

@@ -28,6 +28,9 @@ FSDD_SAMPLE = tuple(
 )
 #: Rows of ESC-50's meta/esc50.csv taken into the small ESC subset.
 ESC_SAMPLE_ROWS = 10
+#: ESC-50 classes and clips per class of the five-class subset (:func:`esc_five`).
+ESC_FIVE_CLASSES = ("airplane", "breathing", "brushing_teeth", "can_opening", "car_horn")
+ESC_FIVE_PER_CLASS = 8
 
 
 @pytest.fixture(autouse=True)
@@ -103,10 +106,28 @@ def esc_subset(tmp_path_factory, esc50_dir: Path, esc_meta: pd.DataFrame) -> Pat
 
     Shared by the whole session: treat it as read-only.
     """
-    root = tmp_path_factory.mktemp("esc_subset")
+    return _esc_layout(tmp_path_factory.mktemp("esc_subset"), esc50_dir, esc_meta)
+
+
+@pytest.fixture(scope="session")
+def esc_five(tmp_path_factory, esc50_dir: Path) -> Path:
+    """ESC-50 layout of symlinks: the first 8 fold-2 clips of 5 classes (40 clips,
+    grouped by source file as ESC-50 is).
+
+    Shared by the whole session: treat it as read-only.
+    """
+    meta = pd.read_csv(esc50_dir / "meta" / "esc50.csv", dtype=str)
+    rows = pd.concat(
+        [meta[meta["category"] == c].head(ESC_FIVE_PER_CLASS) for c in ESC_FIVE_CLASSES]
+    )
+    return _esc_layout(tmp_path_factory.mktemp("esc_five"), esc50_dir, rows)
+
+
+def _esc_layout(root: Path, esc50_dir: Path, rows: pd.DataFrame) -> Path:
+    """``root`` as an ESC-50 folder of ``rows``: their metadata and audio symlinks."""
     (root / "meta").mkdir()
-    esc_meta.to_csv(root / "meta" / "esc50.csv", index=False)
-    for name in esc_meta["filename"]:
+    rows.to_csv(root / "meta" / "esc50.csv", index=False)
+    for name in rows["filename"]:
         _link(esc50_dir / "audio" / name, root / "audio" / name)
     return root
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ESC_FIVE_CLASSES
 
 from soundsight import birdnet
 from soundsight.audio import load_clip
@@ -49,9 +50,8 @@ from soundsight.modelfile import (
     read_spec,
 )
 
-#: ESC-50 classes and clips per class of the tiny training set.
-CLASSES = ("airplane", "breathing", "brushing_teeth", "can_opening", "car_horn")
-PER_CLASS = 8
+#: The classes of the ``esc_five`` training set (conftest).
+CLASSES = ESC_FIVE_CLASSES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,23 +85,6 @@ def esc_clip() -> Path:
     if not clip.is_file():
         pytest.skip(f"real ESC-50 clips not found at {path}")
     return clip
-
-
-@pytest.fixture(scope="module")
-def esc_five(tmp_path_factory) -> Path:
-    """ESC-50 layout of symlinks: the first 8 fold-2 clips of 5 classes (40 clips)."""
-    source = Path(__file__).resolve().parents[2] / "shared/datasets/esc50-fold2"
-    if not (source / "meta" / "esc50.csv").is_file():
-        pytest.skip(f"real ESC-50 data not found at {source}")
-    meta = pd.read_csv(source / "meta" / "esc50.csv", dtype=str)
-    rows = pd.concat([meta[meta["category"] == c].head(PER_CLASS) for c in CLASSES])
-    root = tmp_path_factory.mktemp("esc_five")
-    (root / "meta").mkdir()
-    (root / "audio").mkdir()
-    rows.to_csv(root / "meta" / "esc50.csv", index=False)
-    for name in rows["filename"]:
-        (root / "audio" / name).symlink_to(source / "audio" / name)
-    return root
 
 
 # ------------------------------------------------------------------ locating, licence

@@ -72,13 +72,14 @@ def detector(tmp_path_factory, fsdd_dir: Path, esc50_dir: Path) -> Path:
         backgrounds=24,
     )
     # About 100 clips: smaller batches (more steps), higher rates and no masking, so
-    # that ten short epochs learn it.
+    # that 15 short epochs learn it (10 left it at 85% on validation on an AMD EPYC, and
+    # then it flagged the bed's first seconds as a digit).
     result = train(
         load_dataset(root / "clips", "folder"),
         root / "run",
         config=TrainConfig(
             stage1_epochs=0,
-            stage2_epochs=10,
+            stage2_epochs=15,
             batch_size=8,
             lr=3e-3,
             body_lr=2e-3,
@@ -119,13 +120,21 @@ def test_detect_finds_the_onsets_of_digits_placed_in_real_ambience(detector, sou
         near = (events["onset"] - row.onset).abs() <= 0.35
         over = (events["onset"] < row.offset) & (events["offset"] > row.onset)
         hits += bool((near | over).any())
-    # The detector trains in 10 short epochs (validation error about 15%): it misses or
-    # misplaces some digits; a timeline out of step with the audio would find few.
+    # The detector trains in 15 short epochs: it misses or misplaces some digits, and
+    # may split one digit into two events of two labels; a timeline out of step with
+    # the audio would find few digits and many events over none.
     assert hits >= 3, (
         f"onsets found for {hits} of 5 digits:\n{events.iloc[:, 1:].to_string()}\ntruth:\n{truth}"
     )
-    assert len(events) <= len(truth) + 1, (
-        f"spurious events:\n{events.iloc[:, 1:].to_string()}\ntruth:\n{truth}"
+    spurious = sum(
+        not (
+            ((truth["onset"] - event.onset).abs() <= 0.35)
+            | ((truth["onset"] < event.offset) & (truth["offset"] > event.onset))
+        ).any()
+        for event in events.itertuples()
+    )
+    assert spurious <= 2, (
+        f"{spurious} events over no digit:\n{events.iloc[:, 1:].to_string()}\ntruth:\n{truth}"
     )
 
 
@@ -432,17 +441,25 @@ def test_tuning_picks_the_best_post_processing_of_the_grid(detector, soundscape,
     )
     labels = Classifier.load(detector).labels
     reference = read_event_annotations(csv, path.parent, labels)
-    grid = {"threshold": (0.3, 0.5, 0.99), "smooth_seconds": (0.25, 0.75)}
+    # Events of 30 s at least: none in a 20-s file, whatever the detector.
+    grid = {"threshold": (0.3, 0.5), "smooth_seconds": (0.25, 0.75), "min_duration": (0.1, 30.0)}
     best, table = tune(detector, reference, grid=grid, progress=False)
-    assert len(table) == 6 and table["segment_f1"].dropna().is_monotonic_decreasing
-    assert np.isnan(table["segment_f1"].iloc[-1])  # 0.99: nothing detected, ranked last
+    assert len(table) == 8 and table["segment_f1"].dropna().is_monotonic_decreasing
+    # Nothing detected: no score, ranked last.
+    assert (
+        table["segment_f1"].iloc[4:].isna().all() and (table["min_duration"].iloc[4:] == 30).all()
+    )
     top = table.iloc[0]
     assert (best.threshold, best.smooth_seconds) == (top.threshold, top.smooth_seconds)
     assert best.merge_gap == DetectConfig().merge_gap  # left out of the grid: as given
     # Each row scores what detect with its settings finds.
     events_of = [label for label in labels if label != "background"]
-    for row in table.iloc[[0, -2]].itertuples():
-        settings = DetectConfig(threshold=row.threshold, smooth_seconds=row.smooth_seconds)
+    for row in table.iloc[[0, 3]].itertuples():
+        settings = DetectConfig(
+            threshold=row.threshold,
+            smooth_seconds=row.smooth_seconds,
+            min_duration=row.min_duration,
+        )
         found = detect(detector, [path], settings, progress=False)
         scores = event_scores(
             reference, found.events.assign(filename=path.name), events_of, [path.name]

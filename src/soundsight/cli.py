@@ -463,6 +463,29 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from .frozen import fuse, held_out_side
+    from .modelfile import read_frozen_model_file
+
+    if args.whole:
+        valid = _dataset(args)
+    else:  # the clips train validated both models on
+        clips, valid = _train_valid(args)
+        if valid is None:
+            valid = held_out_side(clips, args.network, args.frozen)
+    result = fuse(args.network, args.frozen, args.out, valid=valid, cache=args.cache)
+    spec = read_frozen_model_file(result.model_path)[1]
+    fusion = spec.train["fusion"]
+    print(
+        f"validation ({fusion['valid_clips']} clips): network {fusion['network_accuracy']:.4f}, "
+        f"frozen head {fusion['head_accuracy']:.4f}, fused at weight {spec.weight:.2f} "
+        f"{result.metrics['accuracy']:.4f} (chosen on these clips: score the model on "
+        "others for an honest figure)"
+    )
+    print(f"model: {result.model_path}; weights tried: {Path(args.out) / 'fusion.png'}")
+    return _report_failures(result.failures)
+
+
 def _print_scores(what: str, metrics: dict) -> None:
     from .evaluation import describe_scores
 
@@ -886,6 +909,21 @@ def _args_cv(p: argparse.ArgumentParser) -> None:
     _add_licence_arg(p)
 
 
+def _args_fuse(p: argparse.ArgumentParser) -> None:
+    p.add_argument("network", help="a fine-tuned single-label model file (train)")
+    p.add_argument("frozen", help="a frozen-embedding model file with the same labels")
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, help="folder for model.safetensors and the scores")
+    p.add_argument("--cache", help="feature cache folder")
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="DATA is a validation set neither model trained on: choose the weight on all "
+        "its clips (default: on the clips train validated both models on, DATA's test "
+        "side where it has one, else the 20%% it held out)",
+    )
+
+
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
     from .detection import TUNING_METRICS
 
@@ -1287,6 +1325,15 @@ COMMANDS = (
         "source recording or speaker; report mean and spread.",
         _args_cv,
         cmd_cv,
+    ),
+    Command(
+        "fuse",
+        "late fusion of a fine-tuned model and a frozen-embedding one",
+        "One model file whose probabilities are the weighted mean of a fine-tuned "
+        "network's and a frozen-embedding head's, the weight chosen on validation "
+        "clips neither trained on; predict, evaluate and serve run it.",
+        _args_fuse,
+        cmd_fuse,
     ),
     Command(
         "evaluate",

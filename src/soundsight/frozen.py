@@ -20,6 +20,7 @@ their licence notices (BirdNET's non-commercial CC BY-NC-SA 4.0) and versions.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import os
@@ -38,6 +39,8 @@ from . import birdnet
 from .errors import SoundsightError
 from .files import write_whole
 from .modelfile import (
+    FROZEN_TENSORS,
+    NETWORK_PREFIX,
     FrozenPart,
     FrozenSpec,
     ModelFileError,
@@ -347,11 +350,19 @@ class FrozenClassifier:
     #: Predict's "unknown" rule; a frozen model has none (every clip gets a label).
     rejection = None
 
-    def __init__(self, spec: FrozenSpec, head: dict[str, np.ndarray], threads: int | None = None):
+    def __init__(
+        self,
+        spec: FrozenSpec,
+        head: dict[str, np.ndarray],
+        threads: int | None = None,
+        network: Classifier | None = None,
+    ):
         self.spec = spec
         self.labels = list(spec.labels)
         self.head = head
         self.threads = threads
+        #: The fine-tuned network of a late-fusion model (``spec.network``), else None.
+        self.network = network
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> FrozenClassifier:
@@ -363,7 +374,18 @@ class FrozenClassifier:
             parse_parts(spec.backbone)
         except FrozenError as err:
             raise ModelFileError(f"{path}: {err}") from None
-        classifier = cls(spec, {k: v.numpy() for k, v in tensors.items()}, threads)
+        network = None
+        if spec.network is not None:
+            from .prediction import Classifier
+
+            weights = {
+                name.removeprefix(NETWORK_PREFIX): tensor
+                for name, tensor in tensors.items()
+                if name.startswith(NETWORK_PREFIX)
+            }
+            network = Classifier.from_tensors(weights, spec.network, path)
+        head = {name: tensors[name].numpy() for name in FROZEN_TENSORS}
+        classifier = cls(spec, head, threads, network)
         for part, recorded in zip(classifier.parts, spec.parts, strict=True):
             if (part.digest, part.dim) != (recorded.digest, recorded.dim):
                 raise ModelFileError(
@@ -384,7 +406,10 @@ class FrozenClassifier:
         part is given the waveform resampled to its own) and the page's log-mel."""
         from .config import FeatureConfig
 
-        return FeatureConfig(sample_rate=max(part.sample_rate for part in self.parts))
+        rates = [part.sample_rate for part in self.parts]
+        if self.network is not None:
+            rates.append(self.network.features.sample_rate)
+        return FeatureConfig(sample_rate=max(rates))
 
     @cached_property
     def _page_log_mel(self) -> Featuriser:
@@ -401,18 +426,19 @@ class FrozenClassifier:
         import soxr
 
         rate = self.features.sample_rate
-        vector = np.concatenate(
-            [
-                part.embed(
-                    waveform
-                    if part.sample_rate == rate
-                    else soxr.resample(waveform, rate, part.sample_rate, quality="HQ")
-                )
-                for part in self.parts
-            ]
-        )
-        db = self._page_log_mel(waveform)
-        return self.probabilities(vector[None])[0], db, True
+
+        def at(target: int) -> np.ndarray:
+            if target == rate:
+                return waveform
+            return soxr.resample(waveform, rate, target, quality="HQ")
+
+        vector = np.concatenate([part.embed(at(part.sample_rate)) for part in self.parts])
+        probabilities = self.probabilities(vector[None])[0]
+        if self.network is None:
+            return probabilities, self._page_log_mel(waveform), True
+        # The page shows the fused network's own log-mel (spectrogram_png's scale).
+        tuned, db, _ = self.network.analyse(at(self.network.features.sample_rate))
+        return self._fused(probabilities, tuned), db, True
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
         from .runtime import top_labels
@@ -420,19 +446,30 @@ class FrozenClassifier:
         return top_labels(self.labels, probabilities, k)
 
     def spectrogram_png(self, db: np.ndarray) -> bytes:
+        if self.network is not None:
+            return self.network.spectrogram_png(db)
         from .images import spectrogram_png
 
         return spectrogram_png(db, self.features.floor_db)
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
+        """The head's probabilities of clip vectors (a fused network's not included)."""
         return head_probabilities(self.head, vectors)
+
+    def _fused(self, head: np.ndarray, network: np.ndarray) -> np.ndarray:
+        """Late fusion: the weighted mean of the head's and the network's probabilities."""
+        weight = self.spec.weight
+        return (weight * head + (1 - weight) * network).astype(np.float32)
 
     def predict(self, path: str | os.PathLike, top_k: int = 3) -> list[tuple[str, float]]:
         """The ``top_k`` (label, probability) pairs of one audio file."""
         from .runtime import top_labels
 
         vector = np.concatenate([part.embed(path) for part in self.parts])
-        return top_labels(self.labels, self.probabilities(vector[None])[0], top_k)
+        probabilities = self.probabilities(vector[None])[0]
+        if self.network is not None:
+            probabilities = self._fused(probabilities, self.network.clip_probabilities(path))
+        return top_labels(self.labels, probabilities, top_k)
 
     def predict_files(
         self,
@@ -443,8 +480,17 @@ class FrozenClassifier:
         """Probabilities of many files: a frame (``path``, one column per label;
         ``attrs["known"]`` all true) and the files that could not be read."""
         vectors, kept, failures = clip_vectors(paths, self.parts, cache, progress)
-        frame = pd.DataFrame(self.probabilities(vectors), columns=self.labels)
-        frame.insert(0, "path", [str(paths[i]) for i in kept])
+        probabilities = self.probabilities(vectors)
+        kept_paths = [str(paths[i]) for i in kept]
+        if self.network is not None:
+            tuned, more_failures = self.network.predict_files(kept_paths, progress=progress)
+            failures = failures + more_failures
+            scored = {path: i for i, path in enumerate(kept_paths)}
+            rows = [scored[path] for path in tuned["path"]]
+            kept_paths = list(tuned["path"])
+            probabilities = self._fused(probabilities[rows], tuned[self.labels].to_numpy())
+        frame = pd.DataFrame(probabilities, columns=self.labels)
+        frame.insert(0, "path", kept_paths)
         frame.attrs["known"] = np.ones(len(frame), bool)
         return frame, failures
 
@@ -564,3 +610,157 @@ def train_frozen(
         valid_targets,
     )
     return TrainResult(model_path, metrics, [], failures + valid_failures)
+
+
+#: The head's shares of the fused probabilities that :func:`fuse` tries on validation.
+FUSION_WEIGHTS = np.round(np.linspace(0, 1, 21), 2)
+
+
+def fusion_table(head: np.ndarray, network: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
+    """Accuracy and log loss of ``weight * head + (1 - weight) * network`` on labelled
+    clips (rows of probabilities, ``targets`` their label indices), for every weight
+    of :data:`FUSION_WEIGHTS`, best first: highest accuracy, then lowest log loss, then
+    nearest an even mean (a few validation clips rarely separate neighbouring weights)."""
+    rows = []
+    for weight in FUSION_WEIGHTS:
+        fused = weight * head + (1 - weight) * network
+        chosen = fused[np.arange(len(targets)), targets]
+        rows.append(
+            {
+                "weight": float(weight),
+                "accuracy": float(np.mean(fused.argmax(axis=1) == targets)),
+                # Rounded so that equal scores tie, whatever the float rounding.
+                "log_loss": round(float(-np.mean(np.log(np.clip(chosen, 1e-12, None)))), 9),
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["from_even"] = (table["weight"] - 0.5).abs().round(9)
+    table = table.sort_values(
+        ["accuracy", "log_loss", "from_even"], ascending=[False, True, True], kind="stable"
+    )
+    return table.drop(columns="from_even").reset_index(drop=True)
+
+
+def held_out_side(
+    clips: pd.DataFrame, network: str | os.PathLike, frozen: str | os.PathLike
+) -> pd.DataFrame:
+    """The validation side that ``train`` held out of ``clips`` for both models (the
+    grouped, stratified 20% of :func:`soundsight.evaluation.holdout` at the seed both
+    recorded): where :func:`fuse` can choose its weight on clips neither trained on.
+    Raises :class:`FrozenError` when the two were trained with different seeds; warns
+    when ``clips`` do not add up to the frozen model's recorded clips (another data
+    set, or clips added since: some of the side may have been trained on)."""
+    from .evaluation import holdout
+    from .modelfile import read_spec
+
+    seeds = (read_spec(network).train.get("seed"), read_frozen_model_file(frozen)[1].train)
+    recorded = seeds[1]
+    if seeds[0] != recorded.get("seed"):
+        raise FrozenError(
+            f"{network} and {frozen} were trained with different seeds ({seeds[0]} and "
+            f"{recorded.get('seed')}), so on different validation sides: give fuse a "
+            "validation set neither trained on (--whole)"
+        )
+    labelled = clips[clips["label"].notna()].reset_index(drop=True)
+    labelled = labelled.assign(label=labelled["label"].astype(str))
+    counted = recorded.get("clips", 0) + recorded.get("valid_clips", 0)
+    if counted != len(labelled):
+        warnings.warn(
+            f"{frozen} was trained and validated on {counted} clips, these are "
+            f"{len(labelled)}: if they are not the same data set, the weight may be "
+            "chosen on clips a model trained on",
+            stacklevel=2,
+        )
+    return holdout(labelled, 0.2, int(recorded.get("seed", 0)))[1]
+
+
+def fuse(
+    network: str | os.PathLike,
+    frozen: str | os.PathLike,
+    out: str | os.PathLike,
+    valid: pd.DataFrame | None = None,
+    weight: float | None = None,
+    cache: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Late fusion: one model file whose probabilities are the weighted mean of a
+    fine-tuned network's (``network``, a single-label model file) and a frozen-embedding
+    head's (``frozen``, same labels), so few-clip sets get the frozen parts' transfer
+    and the network's fit to the data set at once (issue 19).
+
+    The weight (the head's share) is ``weight`` or, with ``valid`` (labelled clips that
+    neither model was trained on, e.g. the validation side both were scored on), the
+    best on them by :func:`fusion_table`; ``out`` then also holds the fused validation
+    scores (:func:`soundsight.evaluation.write_metrics`; optimistic, since the weight
+    was chosen on the same clips), ``fusion.csv`` and ``fusion.png`` (accuracy and log
+    loss per weight). Writes ``out/model.safetensors``: the head's tensors, the
+    network's weights and both records (:class:`~soundsight.modelfile.FrozenSpec`'s
+    ``network`` and ``weight``); predict, evaluate and serve run it like any frozen
+    model. The network's ``unknown`` rule does not carry over: every clip gets a label.
+    """
+
+    from .cache import DEFAULT_CACHE
+    from .evaluation import score, summary, write_metrics
+    from .layouts import DatasetError
+    from .modelfile import read_model_file
+    from .plots import plot_fusion
+    from .prediction import evaluate
+    from .tables import write_csv
+    from .training import TrainResult
+
+    if (weight is None) == (valid is None):
+        raise FrozenError("fuse needs either validation clips to choose the weight on, or a weight")
+    if weight is not None and not 0 <= weight <= 1:
+        raise FrozenError(f"the frozen head's weight must be from 0 to 1, got {weight}")
+    head_tensors, head_spec = read_frozen_model_file(frozen)
+    if head_spec.network is not None:
+        raise FrozenError(f"{frozen} is already a fusion: give it a frozen-embedding model alone")
+    net_tensors, net_spec = read_model_file(network)
+    if net_spec.multi_label:
+        raise FrozenError(f"{network} is multi-label; late fusion is for single-label models")
+    if list(net_spec.labels) != list(head_spec.labels):
+        differ = sorted(set(net_spec.labels) ^ set(head_spec.labels))
+        raise FrozenError(
+            f"{network} and {frozen} have different labels"
+            + (f" ({', '.join(differ[:5])} in one only)" if differ else " (in another order)")
+        )
+    out = Path(out)
+    metrics: dict = {}
+    fusion: dict = {}
+    failures: list[tuple[str, str]] = []
+    if valid is not None:
+        cache = cache or DEFAULT_CACHE
+        _, tuned, tuned_failures = evaluate(network, valid, cache, progress)
+        _, head, head_failures = evaluate_frozen(frozen, valid, cache, progress)
+        failures = tuned_failures + head_failures
+        both = tuned.merge(head[["path", *head_spec.labels]], on="path", suffixes=("", "_head"))
+        if both.empty:
+            raise DatasetError("no validation clip could be scored by both models")
+        index = {label: i for i, label in enumerate(head_spec.labels)}
+        targets = both["label"].astype(str).map(index).to_numpy()
+        tuned_p = both[list(head_spec.labels)].to_numpy()
+        head_p = both[[f"{label}_head" for label in head_spec.labels]].to_numpy()
+        table = fusion_table(head_p, tuned_p, targets)
+        weight = float(table["weight"].iloc[0])
+        probabilities = (weight * head_p + (1 - weight) * tuned_p).astype(np.float32)
+        metrics = score(probabilities, targets, list(head_spec.labels))
+        write_metrics(out, metrics, head_spec.labels, list(both["path"]), probabilities, targets)
+        write_csv(table.sort_values("weight"), out / "fusion.csv")
+        plot_fusion(table, weight).savefig(out / "fusion.png", dpi=120)
+        by_weight = table.set_index("weight")["accuracy"]
+        fusion = {
+            "valid_clips": len(both),
+            "network_accuracy": float(by_weight[0.0]),
+            "head_accuracy": float(by_weight[1.0]),
+        }
+    assert weight is not None  # chosen above when not given
+    spec = dataclasses.replace(
+        head_spec,
+        network=net_spec,
+        weight=weight,
+        train={**head_spec.train, "fusion": fusion},
+        metrics=summary(metrics) if metrics else {},
+    )
+    tensors = dict(head_tensors) | {NETWORK_PREFIX + k: v for k, v in net_tensors.items()}
+    model_path = save_frozen_model_file(out / "model.safetensors", tensors, spec)
+    return TrainResult(model_path, metrics, [], failures)

@@ -397,6 +397,13 @@ class FrozenSpec:
         What it was trained on (clips, seconds...), for the record.
     metrics : dict
         Validation scores (``accuracy``, ``map3``...).
+    network : ModelSpec, optional
+        Late fusion (:func:`soundsight.frozen.fuse`): a fine-tuned single-label network
+        with the same labels, whose weights are the file's ``network.*`` tensors; a
+        clip's probabilities are ``weight`` times the head's plus ``1 - weight`` times
+        the network's. None: the head alone.
+    weight : float
+        The head's share of the fused probabilities, in [0, 1]; 1 without a network.
     """
 
     labels: tuple[str, ...]
@@ -407,6 +414,8 @@ class FrozenSpec:
     head: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    network: ModelSpec | None = None
+    weight: float = 1.0
     #: What predict reads of any model: one label per clip, no thresholds.
     multi_label: bool = field(default=False, init=False)
     thresholds: tuple[float, ...] = field(default=(), init=False)
@@ -421,25 +430,27 @@ class FrozenSpec:
 
     @property
     def notice(self) -> str:
-        """The notices, joined: what predict prints."""
-        return " ".join(self.notices)
+        """The notices, joined (a fused network's too): what predict prints."""
+        notices = [*self.notices, self.network.notice if self.network else ""]
+        return " ".join(notice for notice in notices if notice)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": MODEL_FORMAT,
-                "kind": FROZEN_KIND,
-                "backbone": self.backbone,
-                "labels": list(self.labels),
-                "parts": [dataclasses.asdict(part) for part in self.parts],
-                "notices": list(self.notices),
-                "licences": list(self.licences),
-                "versions": self.versions,
-                "head": self.head,
-                "train": self.train,
-                "metrics": self.metrics,
-            }
-        )
+        record = {
+            "format": MODEL_FORMAT,
+            "kind": FROZEN_KIND,
+            "backbone": self.backbone,
+            "labels": list(self.labels),
+            "parts": [dataclasses.asdict(part) for part in self.parts],
+            "notices": list(self.notices),
+            "licences": list(self.licences),
+            "versions": self.versions,
+            "head": self.head,
+            "train": self.train,
+            "metrics": self.metrics,
+        }
+        if self.network is not None:
+            record |= {"network": json.loads(self.network.to_json()), "weight": self.weight}
+        return json.dumps(record)
 
     @classmethod
     def from_json(cls, text: str, source: str | os.PathLike = "model file") -> FrozenSpec:
@@ -454,7 +465,7 @@ class FrozenSpec:
         if record.get("format") != MODEL_FORMAT:
             raise ModelFileError(f"{source}: model format {record.get('format')!r} not supported")
         known = {"format", "kind", "backbone", "labels", "parts", "notices", "licences"}
-        known |= {"versions", "head", "train", "metrics"}
+        known |= {"versions", "head", "train", "metrics", "network", "weight"}
         unknown = sorted(set(record) - known)
         if unknown:
             raise ModelFileError(f"{source}: header has unknown fields {unknown}")
@@ -482,7 +493,26 @@ class FrozenSpec:
             head=_frozen_head(record.get("head", {}), source),
             train=dict(record.get("train", {})),
             metrics=metrics,
+            **_fused_network(record, labels, source),
         )
+
+
+def _fused_network(record: dict, labels: list[str], source: str | os.PathLike) -> dict[str, Any]:
+    """A frozen header's late-fusion fields, validated: ``network`` (a fine-tuned
+    single-label network's full header, labels as the head's) and ``weight``."""
+    if ("network" in record) != ("weight" in record):
+        raise ModelFileError(f"{source}: fields 'network' and 'weight' come together")
+    if "network" not in record:
+        return {}
+    network = ModelSpec.from_dict(record["network"], f"{source} (fused network)")
+    if network.multi_label or list(network.labels) != labels:
+        raise ModelFileError(
+            f"{source}: field 'network' must be a single-label network with the head's labels"
+        )
+    weight = record["weight"]
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight <= 1:
+        raise ModelFileError(f"{source}: field 'weight' must be a number from 0 to 1")
+    return {"network": network, "weight": float(weight)}
 
 
 def _frozen_parts(values: Any, source: str | os.PathLike) -> tuple[FrozenPart, ...]:
@@ -524,11 +554,16 @@ def _frozen_head(values: Any, source: str | os.PathLike) -> dict[str, Any]:
     return dict(values)
 
 
+#: Prefix of a fused network's tensors in a frozen model file (``network.conv_stem...``).
+NETWORK_PREFIX = "network."
+
+
 def save_frozen_model_file(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], spec: FrozenSpec
 ) -> Path:
-    """Write a frozen-embedding model (its :data:`FROZEN_TENSORS` and ``spec``) into one
-    file, atomically, checked as it will be read."""
+    """Write a frozen-embedding model (its :data:`FROZEN_TENSORS`, a fused network's
+    weights under :data:`NETWORK_PREFIX`, and ``spec``) into one file, atomically,
+    checked as it will be read."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _check_frozen_tensors(path, tensors, spec)
     return _save(path, tensors, spec.to_json())
@@ -539,10 +574,16 @@ def _check_frozen_tensors(
 ) -> None:
     import torch
 
-    if set(tensors) != set(FROZEN_TENSORS):
+    network = [name for name in tensors if name.startswith(NETWORK_PREFIX)]
+    if bool(network) != (spec.network is not None):
         raise ModelFileError(
-            f"{path}: a frozen model holds exactly {', '.join(FROZEN_TENSORS)}, "
-            f"not {', '.join(sorted(tensors))}"
+            f"{path}: a fused network's weights and its header field 'network' come together"
+        )
+    if set(tensors) - set(network) != set(FROZEN_TENSORS):
+        raise ModelFileError(
+            f"{path}: a frozen model holds exactly {', '.join(FROZEN_TENSORS)}"
+            f"{' and its network' if network else ''}, not "
+            f"{', '.join(sorted(set(tensors) - set(network)))}"
         )
     labels, dim = len(spec.labels), spec.dim
     shapes = {"mean": (dim,), "scale": (dim,), "coef": (labels, dim), "intercept": (labels,)}

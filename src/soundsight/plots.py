@@ -510,6 +510,27 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: floa
     return figure
 
 
+def plot_fusion(table: pd.DataFrame, chosen: float) -> Figure:
+    """Late fusion's choice: validation accuracy and log loss against the frozen
+    head's share of the fused probabilities (``table``: ``weight``, ``accuracy``,
+    ``log_loss``), the chosen weight marked."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = figure.subplots()
+    ax.plot(table["weight"], 100 * table["accuracy"], "-o", color=OKABE_ITO[0], markersize=4)
+    ax.axvline(chosen, color=OKABE_ITO[3], linestyle="--", label=f"chosen {chosen:.2f}")
+    ax.set(
+        title="Late fusion on the validation clips",
+        xlabel="frozen head's weight (0: the network alone, 1: the head alone)",
+        ylabel="accuracy (%)",
+    )
+    loss = ax.twinx()
+    loss.plot(table["weight"], table["log_loss"], ":", color=OKABE_ITO[1])
+    loss.set_ylabel("log loss (nats, dotted)")
+    ax.legend(loc="lower center")
+    ax.grid(alpha=0.3)
+    return figure
+
+
 def plot_confusion(
     confusion: np.ndarray, labels: Sequence[str], order: str = "recall", annotate: bool = True
 ) -> Figure:

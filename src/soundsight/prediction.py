@@ -160,6 +160,15 @@ class Classifier:
         runs); :class:`~soundsight.modelfile.ModelFileError` names the file and the
         problem."""
         tensors, spec = read_model_file(path)
+        return cls.from_tensors(tensors, spec, path).to(device)
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], spec: ModelSpec, source: str | os.PathLike
+    ) -> Classifier:
+        """The classifier of a validated record and its weights (read from ``source``:
+        a model file, or the network fused into a frozen one); a tensor that does not
+        fit the network is a :class:`~soundsight.modelfile.ModelFileError`."""
         net = SoundNet(
             spec.model,
             len(spec.labels),
@@ -167,9 +176,9 @@ class Classifier:
             pretrained=False,
             multi_label=spec.multi_label,
         )
-        check_fits(path, net.backbone, tensors)
+        check_fits(source, net.backbone, tensors)
         net.backbone.load_state_dict(tensors)
-        return cls(net, spec)._folded().to(device)
+        return cls(net, spec)._folded()
 
     @classmethod
     def from_backbone(
@@ -282,8 +291,12 @@ class Classifier:
         """The ``top_k`` (label, probability) pairs for one clip (path, bytes or
         waveform); for a multi-label model, every label at or above its threshold
         (:func:`~soundsight.runtime.present_labels`)."""
+        return answer(self.spec, self.clip_probabilities(clip), top_k)
+
+    def clip_probabilities(self, clip: Clip) -> np.ndarray:
+        """One clip's probabilities (path, bytes or waveform), its windows averaged."""
         probabilities, _ = next(score_windows(self.net, [self.windows(clip)]))
-        return answer(self.spec, probabilities, top_k)
+        return probabilities
 
     def predict_files(
         self,

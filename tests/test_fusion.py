@@ -1,0 +1,241 @@
+"""Late fusion (soundsight.frozen.fuse, ``soundsight fuse``) on real ESC-50 clips: a
+fine-tuned Lite0 and a frozen aisfx head trained on the same five classes, fused into
+one model file that predict, evaluate and serve run."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from soundsight import load_dataset
+from soundsight.frozen import (
+    FUSION_WEIGHTS,
+    FrozenClassifier,
+    FrozenError,
+    fuse,
+    fusion_table,
+    held_out_side,
+    train_frozen,
+)
+from soundsight.modelfile import (
+    FrozenSpec,
+    ModelFileError,
+    model_kind,
+    read_frozen_model_file,
+    read_spec,
+    save_frozen_model_file,
+)
+from soundsight.prediction import Classifier
+from soundsight.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def runs(esc_five, tmp_path_factory) -> dict[str, Path]:
+    """A fine-tuned Lite0 (one short epoch) and a frozen aisfx head, both trained by
+    default on the same clips, so with the same held-out 20%; and their fusion."""
+    root = tmp_path_factory.mktemp("fusion")
+    clips = load_dataset(esc_five)
+    cache = root / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        network = train(
+            clips,
+            root / "network",
+            config=TrainConfig(stage1_epochs=0, stage2_epochs=1, batch_size=16),
+            cache=cache,
+            progress=False,
+        ).model_path
+        frozen = train_frozen(clips, root / "frozen", "aisfx", cache=cache, progress=False)
+    fused = fuse(
+        network,
+        frozen.model_path,
+        root / "fused",
+        valid=held_out_side(clips, network, frozen.model_path),
+        cache=cache,
+        progress=False,
+    )
+    return {
+        "network": network,
+        "frozen": frozen.model_path,
+        "fused": fused.model_path,
+        "cache": cache,
+        "root": root,
+    }
+
+
+def test_weight_is_chosen_on_the_side_both_models_held_out(runs):
+    root = runs["root"]
+    side = {
+        name: sorted(pd.read_csv(root / name / "valid_predictions.csv")["path"])
+        for name in ("network", "frozen", "fused")
+    }
+    assert side["fused"] == side["network"] == side["frozen"] and side["fused"]
+    table = pd.read_csv(root / "fused" / "fusion.csv")
+    assert list(table["weight"]) == list(FUSION_WEIGHTS)
+    assert (root / "fused" / "fusion.png").stat().st_size > 10_000
+    _, spec = read_frozen_model_file(runs["fused"])
+    best = table["accuracy"].max()
+    assert table.set_index("weight").loc[spec.weight, "accuracy"] == best
+    assert spec.metrics["accuracy"] == pytest.approx(best)
+    fusion = spec.train["fusion"]
+    assert fusion["network_accuracy"] == table["accuracy"].iloc[0]
+    assert fusion["head_accuracy"] == table["accuracy"].iloc[-1]
+    # aisfx's attribution carries over; the network's record and labels are kept whole.
+    assert "CC-BY-4.0" in spec.licences and spec.notice
+    assert spec.network == read_spec(runs["network"])
+    assert model_kind(runs["fused"]) == "frozen"
+
+
+def test_fused_probabilities_are_the_weighted_mean_of_the_parts(runs, esc_five):
+    fused = FrozenClassifier.load(runs["fused"])
+    head = FrozenClassifier.load(runs["frozen"])
+    network = Classifier.load(runs["network"])
+    weight = fused.spec.weight
+    clips = sorted((esc_five / "audio").iterdir())[::8]  # one of each class
+    frame, failures = fused.predict_files(clips, progress=False)
+    head_frame, _ = head.predict_files(clips, progress=False)
+    network_frame, _ = network.predict_files(clips, progress=False)
+    labels = fused.labels
+    expected = (
+        weight * head_frame[labels].to_numpy() + (1 - weight) * network_frame[labels].to_numpy()
+    )
+    assert not failures and list(frame["path"]) == [str(c) for c in clips]
+    np.testing.assert_allclose(frame[labels].to_numpy(), expected, atol=1e-5)
+    top = fused.predict(clips[0], top_k=5)
+    assert dict(top) == pytest.approx(dict(zip(labels, expected[0], strict=True)), abs=1e-4)
+
+
+def test_cli_fuse_predict_evaluate_and_serve(runs, esc_five, run_cli, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from soundsight.serving import ServeConfig, create_app, load_for_serving
+
+    out = tmp_path / "fused"
+    code, stdout, err = run_cli(
+        "fuse", runs["network"], runs["frozen"], esc_five, "--out", out, "--cache", runs["cache"]
+    )
+    assert code == 0, err
+    assert re.search(r"fused at weight \d\.\d\d", stdout) and "honest" in stdout
+    model = out / "model.safetensors"
+    clip = sorted((esc_five / "audio").iterdir())[0]
+    code, stdout, err = run_cli("predict", model, clip)
+    assert code == 0 and "CC-BY-4.0" in err
+    expected = FrozenClassifier.load(model).predict(clip)[0]
+    assert expected[0] in stdout
+    code, stdout, _ = run_cli("evaluate", model, esc_five, "--cache", runs["cache"])
+    assert code == 0 and "40 clips" in stdout
+    settings = ServeConfig(workers=1, queue_size=2)
+    with TestClient(
+        create_app(load_for_serving(model, settings), settings), base_url="http://127.0.0.1"
+    ) as client:
+        answer = client.post(
+            "/predict",
+            files={"file": (clip.name, clip.read_bytes())},
+            params={"spectrogram": "true"},
+        ).json()
+    assert answer["label"] == expected[0]
+    assert answer["predictions"][0]["probability"] == pytest.approx(expected[1], abs=2e-3)
+    # The page shows the fused network's own log-mel: its mel bands are the rows.
+    image = Image.open(io.BytesIO(base64.b64decode(answer["spectrogram_png"])))
+    assert image.height == read_spec(runs["network"]).features.n_mels
+    # The paths a fused model does not have yet say so, as for any frozen model.
+    code, _, err = run_cli("export", model, "--out", tmp_path / "m.onnx")
+    assert code == 2 and "frozen-embedding" in err
+
+
+def test_fusion_table_prefers_accuracy_then_log_loss_then_an_even_mean():
+    targets = np.array([0, 1, 2, 0])
+    right = np.eye(3)[targets] * 0.9 + 0.1 / 3
+    wrong = np.eye(3)[[1, 2, 0, 1]] * 0.9 + 0.1 / 3
+    table = fusion_table(right, wrong, targets)  # the head right, the network wrong
+    assert table["weight"].iloc[0] == 1.0 and table["accuracy"].iloc[0] == 1.0
+    assert table.set_index("weight").loc[0.0, "accuracy"] == 0.0
+    # Equal parts: every weight ties on both scores; the even mean is kept.
+    assert fusion_table(right, right, targets)["weight"].iloc[0] == 0.5
+
+
+def test_bad_fusions_are_refused_by_name(runs, tmp_path, tiny_model):
+    with pytest.raises(FrozenError, match="different labels"):
+        fuse(tiny_model, runs["frozen"], tmp_path / "a", weight=0.5)
+    with pytest.raises(FrozenError, match="already a fusion"):
+        fuse(runs["network"], runs["fused"], tmp_path / "b", weight=0.5)
+    with pytest.raises(FrozenError, match="either validation clips"):
+        fuse(runs["network"], runs["frozen"], tmp_path / "c")
+    with pytest.raises(FrozenError, match="from 0 to 1"):
+        fuse(runs["network"], runs["frozen"], tmp_path / "d", weight=1.5)
+    fixed = fuse(runs["network"], runs["frozen"], tmp_path / "e", weight=0.25)
+    assert read_frozen_model_file(fixed.model_path)[1].weight == 0.25
+
+
+def test_fused_model_file_fields_are_validated(runs, tmp_path):
+    tensors, spec = read_frozen_model_file(runs["fused"])
+    record = json.loads(spec.to_json())
+    for field, value, named in (
+        ("weight", 1.5, "'weight'"),
+        ("weight", True, "'weight'"),
+        ("network", {**record["network"], "labels": ["a", "b", "c", "d", "e"]}, "head's labels"),
+    ):
+        with pytest.raises(ModelFileError, match=named):
+            FrozenSpec.from_json(json.dumps({**record, field: value}), "m")
+    with pytest.raises(ModelFileError, match="come together"):
+        FrozenSpec.from_json(json.dumps({k: v for k, v in record.items() if k != "weight"}))
+    # The network's weights and its record come together, and must fit the network.
+    head_only = {k: v for k, v in tensors.items() if not k.startswith("network.")}
+    with pytest.raises(ModelFileError, match="come together"):
+        save_frozen_model_file(tmp_path / "x.safetensors", head_only, spec)
+    name = next(k for k in tensors if k.startswith("network.") and tensors[k].ndim == 4)
+    bent = dict(tensors) | {name: torch.zeros(1, 1, 1, 1)}
+    save_frozen_model_file(tmp_path / "bent.safetensors", bent, spec)
+    with pytest.raises(ModelFileError, match=re.escape(name.removeprefix("network."))):
+        FrozenClassifier.load(tmp_path / "bent.safetensors")
+
+
+def test_cli_fuse_chooses_on_the_test_side_that_train_validated_on(fsdd_dir, run_cli, tmp_path):
+    """A layout with a test side (FSDD): train validates both models on it, so fuse
+    chooses its weight there, never on training clips."""
+    root = tmp_path / "fsdd"
+    names = [
+        f"{digit}_{speaker}_{index}.wav"
+        for digit in (1, 2)
+        for speaker in ("jackson", "theo")
+        for index in (0, 1, 5, 6, 7, 8)
+    ]
+    (root / "recordings").mkdir(parents=True)
+    for name in names:
+        (root / "recordings" / name).symlink_to(fsdd_dir / "recordings" / name)
+    common = ("--cache", tmp_path / "cache")
+    code, _, err = run_cli(
+        "train", root, "--out", tmp_path / "net", "--stage1-epochs", "0", "--stage2-epochs",
+        "1", *common,
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(
+        "train",
+        root,
+        "--backbone",
+        "aisfx+tf_efficientnet_lite0",
+        "--out",
+        tmp_path / "head",
+        *common,
+    )
+    assert code == 0, err
+    code, stdout, err = run_cli(
+        "fuse", tmp_path / "net" / "model.safetensors", tmp_path / "head" / "model.safetensors",
+        root, "--out", tmp_path / "fused", *common,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "validation (8 clips)" in stdout
+    chosen = pd.read_csv(tmp_path / "fused" / "valid_predictions.csv")["path"]
+    assert sorted(Path(p).name for p in chosen) == sorted(
+        n for n in names if "_0." in n or "_1." in n
+    )

@@ -115,17 +115,19 @@ def test_fused_probabilities_are_the_weighted_mean_of_the_parts(runs, esc_five):
     assert dict(top) == pytest.approx(dict(zip(labels, expected[0], strict=True)), abs=1e-4)
 
 
-def test_cli_fuse_predict_evaluate_and_serve(runs, esc_five, run_cli, tmp_path):
+def test_cli_fuse_predict_evaluate_and_serve(runs, esc_five, noise_clips, run_cli, tmp_path):
     from fastapi.testclient import TestClient
 
     from soundsight.serving import ServeConfig, create_app, load_for_serving
 
     out = tmp_path / "fused"
     code, stdout, err = run_cli(
-        "fuse", runs["network"], runs["frozen"], esc_five, "--out", out, "--cache", runs["cache"]
-    )
+        "fuse", runs["network"], runs["frozen"], esc_five, "--out", out, "--cache", runs["cache"],
+        "--noise", *noise_clips[:2],
+    )  # fmt: skip
     assert code == 0, err
     assert re.search(r"fused at weight \d\.\d\d", stdout) and "honest" in stdout
+    assert re.search(r"the same \d+ clips in noise: network [\d.]+, frozen head", stdout)
     model = out / "model.safetensors"
     clip = sorted((esc_five / "audio").iterdir())[0]
     code, stdout, err = run_cli("predict", model, clip)
@@ -239,3 +241,59 @@ def test_cli_fuse_chooses_on_the_test_side_that_train_validated_on(fsdd_dir, run
     assert sorted(Path(p).name for p in chosen) == sorted(
         n for n in names if "_0." in n or "_1." in n
     )
+
+
+#: ESC-50 fold-2 classes heard as noise by the noisy validation copy (none of esc_five's).
+NOISE_CLASSES = ("rain", "wind", "crickets")
+
+
+@pytest.fixture(scope="module")
+def noise_clips(esc50_dir) -> list[Path]:
+    meta = pd.read_csv(esc50_dir / "meta" / "esc50.csv")
+    rows = meta[meta["category"].isin(NOISE_CLASSES)].head(6)
+    return [esc50_dir / "audio" / name for name in rows["filename"]]
+
+
+def test_over_background_mixes_at_the_ratio_drawn_and_reads_a_stretch(noise_clips, esc_clips):
+    from soundsight.audio import load_clip, read_segment
+    from soundsight.soundscapes import background_stretch, over_background
+
+    rate = 22050
+    clip = load_clip(esc_clips[0], rate)[: rate // 2] * 0.1  # quiet: no peak limiting
+    for snr in (-6.0, 0.0, 12.0):
+        mixed = over_background(clip, noise_clips, rate, np.random.default_rng(1), (snr, snr))
+        noise = mixed - clip
+        ratio = 20 * np.log10(np.sqrt(np.mean(clip**2)) / np.sqrt(np.mean(noise**2)))
+        assert len(mixed) == len(clip) and ratio == pytest.approx(snr, abs=0.01)
+    # One seeded stretch of one recording, resampled: the same draws give the same audio.
+    stretch = background_stretch(noise_clips, 1.5, 44100, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    path = noise_clips[int(rng.integers(len(noise_clips)))]
+    start = float(rng.uniform(0.0, 5.0 - 1.5))
+    expected, source_rate = read_segment(path, start, start + 1.5)
+    assert source_rate == 44100 and len(stretch) == len(expected) == 66150
+    np.testing.assert_array_equal(stretch, expected)
+
+
+def test_noisy_validation_copy_weighs_the_weight_in_noise(runs, esc_five, noise_clips, tmp_path):
+    clips = load_dataset(esc_five)
+    valid = held_out_side(clips, runs["network"], runs["frozen"])
+    result = fuse(
+        runs["network"], runs["frozen"], tmp_path / "noisy", valid=valid,
+        cache=runs["cache"], progress=False, noise=noise_clips, snr_db=(-6.0, 0.0),
+    )  # fmt: skip
+    _, spec = read_frozen_model_file(result.model_path)
+    fusion = spec.train["fusion"]
+    assert fusion["noisy_clips"] == fusion["valid_clips"] == len(valid)
+    table = pd.read_csv(tmp_path / "noisy" / "fusion.csv")
+    assert {"clean_accuracy", "noisy_accuracy"} <= set(table.columns)
+    # The weight is the best over both copies together: the mean of the two accuracies.
+    both = (table["clean_accuracy"] + table["noisy_accuracy"]) / 2
+    np.testing.assert_allclose(table["accuracy"], both, atol=1e-9)
+    assert table.set_index("weight").loc[spec.weight, "accuracy"] == table["accuracy"].max()
+    # The clean scores are the ones written, at the weight chosen.
+    assert spec.metrics["accuracy"] == pytest.approx(
+        table.set_index("weight").loc[spec.weight, "clean_accuracy"]
+    )
+    with pytest.raises(FrozenError, match="give them too"):
+        fuse(runs["network"], runs["frozen"], tmp_path / "x", weight=0.5, noise=noise_clips)

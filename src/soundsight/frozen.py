@@ -423,6 +423,15 @@ class FrozenClassifier:
         """A mono waveform at ``features.sample_rate`` -> its probabilities, the page's
         log-mel and whether it is known (always: a frozen model has no 'unknown' rule);
         what the server asks of a model (:class:`~soundsight.runtime.ClipScorer`)."""
+        head, network, db = self.part_probabilities(waveform)
+        return (head if network is None else self._fused(head, network)), db, True
+
+    def part_probabilities(
+        self, waveform: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """A mono waveform at ``features.sample_rate`` -> the head's probabilities, the
+        fused network's (None without one) and the page's log-mel (the network's own
+        where there is one)."""
         import soxr
 
         rate = self.features.sample_rate
@@ -435,10 +444,10 @@ class FrozenClassifier:
         vector = np.concatenate([part.embed(at(part.sample_rate)) for part in self.parts])
         probabilities = self.probabilities(vector[None])[0]
         if self.network is None:
-            return probabilities, self._page_log_mel(waveform), True
+            return probabilities, None, self._page_log_mel(waveform)
         # The page shows the fused network's own log-mel (spectrogram_png's scale).
         tuned, db, _ = self.network.analyse(at(self.network.features.sample_rate))
-        return self._fused(probabilities, tuned), db, True
+        return probabilities, tuned, db
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
         from .runtime import top_labels
@@ -682,6 +691,9 @@ def fuse(
     weight: float | None = None,
     cache: str | os.PathLike | None = None,
     progress: bool = True,
+    noise: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    snr_db: tuple[float, float] = (-6.0, 12.0),
+    seed: int = 0,
 ) -> TrainResult:
     """Late fusion: one model file whose probabilities are the weighted mean of a
     fine-tuned network's (``network``, a single-label model file) and a frozen-embedding
@@ -697,6 +709,13 @@ def fuse(
     network's weights and both records (:class:`~soundsight.modelfile.FrozenSpec`'s
     ``network`` and ``weight``); predict, evaluate and serve run it like any frozen
     model. The network's ``unknown`` rule does not carry over: every clip gets a label.
+
+    With ``noise`` (background recordings: files, or folders), the weight is chosen on
+    the validation clips and on a copy of them heard in that noise
+    (:func:`soundsight.soundscapes.over_background`, event-to-background ratios drawn
+    from ``snr_db`` with ``seed``, training's range): a part that is brittle in noise
+    then weighs less, which clean clips alone cannot show (issue 19's office set).
+    ``fusion.csv`` gives each copy's accuracy; the scores written are the clean ones.
     """
 
     from .cache import DEFAULT_CACHE
@@ -704,12 +723,14 @@ def fuse(
     from .layouts import DatasetError
     from .modelfile import read_model_file
     from .plots import plot_fusion
-    from .prediction import evaluate
+    from .prediction import Classifier, evaluate
     from .tables import write_csv
-    from .training import TrainResult
+    from .training import TrainResult, noise_recordings
 
     if (weight is None) == (valid is None):
         raise FrozenError("fuse needs either validation clips to choose the weight on, or a weight")
+    if noise is not None and valid is None:
+        raise FrozenError("noise makes a noisy copy of the validation clips: give them too")
     if weight is not None and not 0 <= weight <= 1:
         raise FrozenError(f"the frozen head's weight must be from 0 to 1, got {weight}")
     head_tensors, head_spec = read_frozen_model_file(frozen)
@@ -741,18 +762,42 @@ def fuse(
         tuned_p = both[list(head_spec.labels)].to_numpy()
         head_p = both[[f"{label}_head" for label in head_spec.labels]].to_numpy()
         table = fusion_table(head_p, tuned_p, targets)
+        clean = table.set_index("weight")["accuracy"]
+        if noise is not None:
+            fused = FrozenClassifier.load(frozen)
+            fused.network = Classifier.load(network)
+            noisy_head, noisy_tuned, kept, noisy_failures = _noisy_copy(
+                fused, list(both["path"]), noise_recordings(noise), snr_db, seed, progress
+            )
+            failures += noisy_failures
+            noisy = fusion_table(noisy_head, noisy_tuned, targets[kept])
+            table = fusion_table(
+                np.concatenate([head_p, noisy_head]),
+                np.concatenate([tuned_p, noisy_tuned]),
+                np.concatenate([targets, targets[kept]]),
+            )
+            table["clean_accuracy"] = table["weight"].map(clean)
+            table["noisy_accuracy"] = table["weight"].map(noisy.set_index("weight")["accuracy"])
         weight = float(table["weight"].iloc[0])
         probabilities = (weight * head_p + (1 - weight) * tuned_p).astype(np.float32)
         metrics = score(probabilities, targets, list(head_spec.labels))
         write_metrics(out, metrics, head_spec.labels, list(both["path"]), probabilities, targets)
         write_csv(table.sort_values("weight"), out / "fusion.csv")
         plot_fusion(table, weight).savefig(out / "fusion.png", dpi=120)
-        by_weight = table.set_index("weight")["accuracy"]
         fusion = {
             "valid_clips": len(both),
-            "network_accuracy": float(by_weight[0.0]),
-            "head_accuracy": float(by_weight[1.0]),
+            "network_accuracy": float(clean[0.0]),
+            "head_accuracy": float(clean[1.0]),
         }
+        if noise is not None:
+            by_weight = table.set_index("weight")
+            fusion |= {
+                "noisy_clips": len(kept),
+                "snr_db": list(snr_db),
+                "noisy_network_accuracy": float(by_weight.loc[0.0, "noisy_accuracy"]),
+                "noisy_head_accuracy": float(by_weight.loc[1.0, "noisy_accuracy"]),
+                "noisy_accuracy": float(by_weight.loc[weight, "noisy_accuracy"]),
+            }
     assert weight is not None  # chosen above when not given
     spec = dataclasses.replace(
         head_spec,
@@ -764,3 +809,37 @@ def fuse(
     tensors = dict(head_tensors) | {NETWORK_PREFIX + k: v for k, v in net_tensors.items()}
     model_path = save_frozen_model_file(out / "model.safetensors", tensors, spec)
     return TrainResult(model_path, metrics, [], failures)
+
+
+def _noisy_copy(
+    fused: FrozenClassifier,
+    paths: Sequence[str],
+    noise: Sequence[str],
+    snr_db: tuple[float, float],
+    seed: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, list[int], list[tuple[str, str]]]:
+    """Each clip heard in ``noise`` and scored by both parts of ``fused``: the head's
+    and the network's probabilities, the clips kept (by position), and the failures
+    (a noise recording that cannot be read costs that clip's copy only)."""
+    from tqdm.auto import tqdm
+
+    from .audio import AudioError, load_clip
+    from .soundscapes import over_background
+
+    rng = np.random.default_rng(seed)
+    rate = fused.features.sample_rate
+    heads, networks, kept, failures = [], [], [], []
+    for i, path in enumerate(tqdm(paths, desc="noisy copy", unit="clip", disable=not progress)):
+        try:
+            wave = over_background(load_clip(path, rate), noise, rate, rng, snr_db)
+        except AudioError as err:
+            failures.append((err.source, f"noisy copy of {path}: {err.reason}"))
+            continue
+        head, network, _ = fused.part_probabilities(wave)
+        heads.append(head)
+        networks.append(cast(np.ndarray, network))
+        kept.append(i)
+    if not kept:
+        raise FrozenError("no clip could be heard in the noise: see the failures")
+    return np.stack(heads), np.stack(networks), kept, failures

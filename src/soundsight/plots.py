@@ -513,10 +513,23 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: floa
 def plot_fusion(table: pd.DataFrame, chosen: float) -> Figure:
     """Late fusion's choice: validation accuracy and log loss against the frozen
     head's share of the fused probabilities (``table``: ``weight``, ``accuracy``,
-    ``log_loss``), the chosen weight marked."""
+    ``log_loss``, and with a noisy copy ``clean_accuracy`` and ``noisy_accuracy``), the
+    chosen weight marked."""
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     ax = figure.subplots()
-    ax.plot(table["weight"], 100 * table["accuracy"], "-o", color=OKABE_ITO[0], markersize=4)
+    table = table.sort_values("weight")
+    noisy = "noisy_accuracy" in table
+    ax.plot(
+        table["weight"],
+        100 * table["accuracy"],
+        "-o",
+        color=OKABE_ITO[0],
+        markersize=4,
+        label="both copies (chosen on)" if noisy else None,
+    )
+    if noisy:  # chosen on both copies: each drawn thin
+        for column, color in (("clean_accuracy", OKABE_ITO[2]), ("noisy_accuracy", OKABE_ITO[4])):
+            ax.plot(table["weight"], 100 * table[column], "-", lw=1, color=color, label=column)
     ax.axvline(chosen, color=OKABE_ITO[3], linestyle="--", label=f"chosen {chosen:.2f}")
     ax.set(
         title="Late fusion on the validation clips",

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from .audio import load_clip
+from .audio import clip_duration, load_clip, read_segment
 from .errors import ConfigError
 from .files import write_whole
 from .tables import write_csv
@@ -64,6 +64,45 @@ def ambience(
         parts.append(wave * (0.05 / _rms(wave)))
         have += len(wave)
     return np.concatenate(parts)[start : start + need].astype(np.float32)
+
+
+def background_stretch(
+    paths: Sequence[str | os.PathLike],
+    seconds: float,
+    sample_rate: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``seconds`` of a random recording of ``paths`` from a random point, at
+    ``sample_rate`` (repeated when the recording is shorter). Only that stretch is
+    read (:func:`~soundsight.audio.read_segment`), so memory does not grow with the
+    recording's length."""
+    import soxr
+
+    if not paths:
+        raise ConfigError("background noise needs at least one recording")
+    path = paths[int(rng.integers(len(paths)))]
+    start = float(rng.uniform(0.0, max(0.0, clip_duration(path) - seconds)))
+    wave, rate = read_segment(path, start, start + seconds)
+    if rate != sample_rate:
+        wave = soxr.resample(wave, rate, sample_rate, quality="HQ").astype(np.float32)
+    return np.resize(wave, int(round(seconds * sample_rate)))
+
+
+def over_background(
+    wave: np.ndarray,
+    noise: Sequence[str | os.PathLike],
+    sample_rate: int,
+    rng: np.random.Generator,
+    snr_db: tuple[float, float],
+) -> np.ndarray:
+    """A clip heard in noise: ``wave`` plus a :func:`background_stretch` of ``noise`` at
+    an event-to-background ratio (the clip's RMS over the noise's, in dB) drawn
+    uniformly from ``snr_db``; the clip keeps its level, the peak is at most 0.95."""
+    bed = background_stretch(noise, len(wave) / sample_rate, sample_rate, rng)
+    gain = _rms(wave) / _rms(bed) / 10 ** (rng.uniform(*snr_db) / 20)
+    mixed = wave + gain * bed
+    peak = float(np.abs(mixed).max())
+    return (mixed * (0.95 / peak) if peak > 0.95 else mixed).astype(np.float32)
 
 
 def make_soundscape(

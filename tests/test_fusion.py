@@ -295,5 +295,13 @@ def test_noisy_validation_copy_weighs_the_weight_in_noise(runs, esc_five, noise_
     assert spec.metrics["accuracy"] == pytest.approx(
         table.set_index("weight").loc[spec.weight, "clean_accuracy"]
     )
+    # A validation clip of a label neither model knows is left out, with a warning.
+    foreign = pd.DataFrame({"path": [str(noise_clips[0])], "label": ["rain"]})
+    with pytest.warns(UserWarning, match="labels the models do not know"):
+        again = fuse(
+            runs["network"], runs["frozen"], tmp_path / "foreign",
+            valid=pd.concat([valid, foreign]), cache=runs["cache"], progress=False,
+        )  # fmt: skip
+    assert read_frozen_model_file(again.model_path)[1].train["fusion"]["valid_clips"] == len(valid)
     with pytest.raises(FrozenError, match="give them too"):
         fuse(runs["network"], runs["frozen"], tmp_path / "x", weight=0.5, noise=noise_clips)

@@ -750,6 +750,15 @@ def fuse(
     fusion: dict = {}
     failures: list[tuple[str, str]] = []
     if valid is not None:
+        # As train does: a held-out clip whose label had no training clip is not scored.
+        unseen = ~valid["label"].astype(str).isin(head_spec.labels)
+        if unseen.any():
+            warnings.warn(
+                f"{int(unseen.sum())} validation clips have labels the models do not know; "
+                "left out of the choice",
+                stacklevel=2,
+            )
+            valid = valid[~unseen]
         cache = cache or DEFAULT_CACHE
         _, tuned, tuned_failures = evaluate(network, valid, cache, progress)
         _, head, head_failures = evaluate_frozen(frozen, valid, cache, progress)

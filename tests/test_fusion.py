@@ -166,7 +166,13 @@ def test_fusion_table_prefers_accuracy_then_log_loss_then_an_even_mean():
     assert fusion_table(right, right, targets)["weight"].iloc[0] == 0.5
 
 
-def test_bad_fusions_are_refused_by_name(runs, tmp_path, tiny_model):
+def test_bad_fusions_are_refused_by_name(runs, esc_five, tmp_path, tiny_model):
+    clips = load_dataset(esc_five)
+    other_seed = train_frozen(
+        clips, tmp_path / "seed1", "aisfx", cache=runs["cache"], seed=1, progress=False
+    )
+    with pytest.raises(FrozenError, match=r"different seeds \(0 and 1\)"):
+        held_out_side(clips, runs["network"], other_seed.model_path)
     with pytest.raises(FrozenError, match="different labels"):
         fuse(tiny_model, runs["frozen"], tmp_path / "a", weight=0.5)
     with pytest.raises(FrozenError, match="already a fusion"):

@@ -662,11 +662,11 @@ def held_out_side(
     from .evaluation import holdout
     from .modelfile import read_spec
 
-    seeds = (read_spec(network).train.get("seed"), read_frozen_model_file(frozen)[1].train)
-    recorded = seeds[1]
-    if seeds[0] != recorded.get("seed"):
+    network_seed = read_spec(network).train.get("seed")
+    recorded = read_frozen_model_file(frozen)[1].train
+    if network_seed != recorded.get("seed"):
         raise FrozenError(
-            f"{network} and {frozen} were trained with different seeds ({seeds[0]} and "
+            f"{network} and {frozen} were trained with different seeds ({network_seed} and "
             f"{recorded.get('seed')}), so on different validation sides: give fuse a "
             "validation set neither trained on (--whole)"
         )

@@ -97,7 +97,8 @@ def over_background(
 ) -> np.ndarray:
     """A clip heard in noise: ``wave`` plus a :func:`background_stretch` of ``noise`` at
     an event-to-background ratio (the clip's RMS over the noise's, in dB) drawn
-    uniformly from ``snr_db``; the clip keeps its level, the peak is at most 0.95."""
+    uniformly from ``snr_db``. The clip keeps its level, unless the sum would peak above
+    0.95: then the sum is scaled down to that (the ratio stays)."""
     bed = background_stretch(noise, len(wave) / sample_rate, sample_rate, rng)
     gain = _rms(wave) / _rms(bed) / 10 ** (rng.uniform(*snr_db) / 20)
     mixed = wave + gain * bed

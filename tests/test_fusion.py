@@ -303,7 +303,7 @@ def test_noisy_validation_copy_weighs_the_weight_in_noise(runs, esc_five, noise_
     )
     # A validation clip of a label neither model knows is left out, with a warning.
     foreign = pd.DataFrame({"path": [str(noise_clips[0])], "label": ["rain"]})
-    with pytest.warns(UserWarning, match="labels the models do not know"):
+    with pytest.warns(UserWarning, match="labels without training clips; left out of the choice"):
         again = fuse(
             runs["network"], runs["frozen"], tmp_path / "foreign",
             valid=pd.concat([valid, foreign]), cache=runs["cache"], progress=False,

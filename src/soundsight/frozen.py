@@ -532,6 +532,20 @@ def evaluate_frozen(
     return score(probabilities, targets, classifier.labels), frame, failures
 
 
+def _known_labels(valid: pd.DataFrame, labels: Sequence[str], left_out_of: str) -> pd.DataFrame:
+    """``valid`` without its clips of labels that had no training clip (as ``train``
+    does: a model cannot be scored on a class it never saw), with a warning naming
+    how many and what they are ``left_out_of``."""
+    unseen = ~valid["label"].astype(str).isin(labels)
+    if unseen.any():
+        warnings.warn(
+            f"{int(unseen.sum())} validation clips have labels without training clips; "
+            f"left out of {left_out_of}",
+            stacklevel=3,
+        )
+    return valid[~unseen]
+
+
 def train_frozen(
     clips: pd.DataFrame,
     out: str | os.PathLike,
@@ -569,14 +583,7 @@ def train_frozen(
     if valid is None:
         clips, valid = holdout(clips, 0.2, seed)
     labels = sorted(clips["label"].astype(str).unique())
-    unseen = ~valid["label"].astype(str).isin(labels)
-    if unseen.any():
-        warnings.warn(
-            f"{int(unseen.sum())} validation clips have labels without training clips; "
-            "left out of the validation scores",
-            stacklevel=2,
-        )
-        valid = valid[~unseen]
+    valid = _known_labels(valid, labels, "the validation scores")
     cache = cache or DEFAULT_CACHE
     index = {label: i for i, label in enumerate(labels)}
     started = time.perf_counter()
@@ -750,15 +757,7 @@ def fuse(
     fusion: dict = {}
     failures: list[tuple[str, str]] = []
     if valid is not None:
-        # As train does: a held-out clip whose label had no training clip is not scored.
-        unseen = ~valid["label"].astype(str).isin(head_spec.labels)
-        if unseen.any():
-            warnings.warn(
-                f"{int(unseen.sum())} validation clips have labels the models do not know; "
-                "left out of the choice",
-                stacklevel=2,
-            )
-            valid = valid[~unseen]
+        valid = _known_labels(valid, head_spec.labels, "the choice of the weight")
         cache = cache or DEFAULT_CACHE
         _, tuned, tuned_failures = evaluate(network, valid, cache, progress)
         _, head, head_failures = evaluate_frozen(frozen, valid, cache, progress)

@@ -36,8 +36,8 @@ from soundsight.config import TrainConfig
 from soundsight.evaluation import make_folds
 from soundsight.files import write_whole
 from soundsight.frozen import FrozenClassifier, fuse, held_out_side, train_frozen
-from soundsight.modelfile import model_kind
-from soundsight.prediction import Classifier, evaluate
+from soundsight.modelfile import read_any_spec
+from soundsight.prediction import evaluate
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,11 +47,7 @@ BASELINE = "lite0 fine-tuned"
 
 def accuracy(model: Path, test: pd.DataFrame, cache: Path) -> float:
     """Accuracy on ``test``; clips of a class the model does not know are errors."""
-    if model_kind(model) == "frozen":
-        labels = set(FrozenClassifier.load(model).labels)
-    else:
-        labels = set(Classifier.load(model).labels)
-    known = test[test["label"].isin(labels)]
+    known = test[test["label"].isin(read_any_spec(model).labels)]
     metrics = evaluate(model, known, cache=cache, progress=False)[0]
     return float(metrics["accuracy"]) * len(known) / len(test)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from conftest import sine
 
 from soundsight.detection import (
     DetectConfig,
@@ -182,6 +183,19 @@ def test_training_examples_keep_negative_examples_beside_the_beds(fsdd_dir, esc5
     written = {label: sorted((tmp_path / label).glob("*.wav")) for label in ("1", "background")}
     assert [len(written[label]) for label in written] == [1, 3]  # the negative and 2 beds
     assert {sf.info(path).frames for paths in written.values() for path in paths} == {22050}
+
+
+def test_training_examples_of_a_long_clip_hold_its_sound_not_its_pauses(esc50_dir, tmp_path):
+    # Two knocks 3 s apart: a stretch drawn anywhere is mostly the pause between them.
+    rate = 22050
+    knock = sine(900.0, 0.3, rate)
+    clip = np.concatenate([knock, np.zeros(3 * rate, np.float32), knock])
+    path = tmp_path / "knocks.wav"
+    sf.write(path, clip, rate)
+    write_examples(tmp_path / "examples", [(path, "knock")] * 12, _ambient(esc50_dir, side=0), 0)
+    peaks = [np.abs(sf.read(p)[0]).max() for p in (tmp_path / "examples" / "knock").iterdir()]
+    # Each example holds a knock, well over the bed (ambience at RMS 0.05 peaks near 0.2).
+    assert len(peaks) == 12 and min(peaks) > 0.3
 
 
 def test_events_are_smoothed_merged_and_short_ones_dropped():

@@ -1,6 +1,6 @@
 """Late fusion (soundsight.frozen.fuse, ``soundsight fuse``) on real ESC-50 clips: a
 fine-tuned Lite0 and a frozen aisfx head trained on the same five classes, fused into
-one model file that predict, evaluate and serve run."""
+one model file that predict, evaluate, detect and serve run."""
 
 from __future__ import annotations
 
@@ -14,17 +14,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 import torch
 from PIL import Image
 
 from soundsight import load_dataset
+from soundsight.detection import detect
 from soundsight.frozen import (
     FUSION_WEIGHTS,
     FrozenClassifier,
     FrozenError,
     fuse,
     fusion_table,
+    head_logits,
     held_out_side,
+    part_heads,
     train_frozen,
 )
 from soundsight.modelfile import (
@@ -143,9 +147,13 @@ def test_cli_fuse_predict_evaluate_and_serve(runs, esc_five, noise_clips, run_cl
         answer = client.post(
             "/predict",
             files={"file": (clip.name, clip.read_bytes())},
-            params={"spectrogram": "true"},
+            params={"spectrogram": "true", "timeline": "true"},
         ).json()
     assert answer["label"] == expected[0]
+    # The page's timeline: detect's events on the upload, through the same fused streams.
+    events = detect(model, [clip], progress=False).events
+    assert [e["event_label"] for e in answer["events"]] == list(events["event_label"])
+    assert [e["onset"] for e in answer["events"]] == pytest.approx(list(events["onset"]), abs=0.3)
     assert answer["predictions"][0]["probability"] == pytest.approx(expected[1], abs=2e-3)
     # The page shows the fused network's own log-mel: its mel bands are the rows.
     image = Image.open(io.BytesIO(base64.b64decode(answer["spectrogram_png"])))
@@ -311,3 +319,98 @@ def test_noisy_validation_copy_weighs_the_weight_in_noise(runs, esc_five, noise_
     assert read_frozen_model_file(again.model_path)[1].train["fusion"]["valid_clips"] == len(valid)
     with pytest.raises(FrozenError, match="give them too"):
         fuse(runs["network"], runs["frozen"], tmp_path / "x", weight=0.5, noise=noise_clips)
+
+
+def test_detect_slides_frozen_and_fused_models_part_by_part(runs, esc_five, tmp_path):
+    # A clip shorter than every window is one window of each stream, so its timeline
+    # row is the model's own clip probabilities: the parts' shares of the head's
+    # logits add up to the head's, and the fusion blends as predict does.
+    first = sorted((esc_five / "audio").iterdir())[0]
+    wave, rate = sf.read(first, dtype="float32")
+    short = tmp_path / "short.wav"
+    sf.write(short, wave[: int(0.8 * rate)], rate)
+    for name in ("frozen", "fused"):
+        model = FrozenClassifier.load(runs[name])
+        line = detect(model, [short], progress=False, keep_timelines=True).timelines[str(short)]
+        expected, _ = model.predict_files([short], progress=False)
+        assert len(line.centres) == 1
+        np.testing.assert_allclose(line.probabilities, expected[model.labels].to_numpy(), atol=1e-4)
+
+
+def test_detect_and_evaluate_events_with_frozen_and_fused_models(runs, esc_five, run_cli, tmp_path):
+    # Three 5-s clips of three labels end to end: along the frozen aisfx head's
+    # timeline, the windows wholly inside each clip name its label.
+    chosen = sorted((esc_five / "audio").iterdir())[::8][:3]
+    labels = pd.read_csv(esc_five / "meta" / "esc50.csv").set_index("filename")["category"]
+    waves = [sf.read(path, dtype="float32")[0] for path in chosen]
+    rate = sf.info(chosen[0]).samplerate
+    recording = tmp_path / "scenes" / "three.wav"
+    recording.parent.mkdir()
+    sf.write(recording, np.concatenate(waves), rate)
+    frozen = FrozenClassifier.load(runs["frozen"])
+    line = detect(frozen, [recording], progress=False, keep_timelines=True).timelines[
+        str(recording)
+    ]
+    assert line.duration == pytest.approx(15.0, abs=0.05)
+    assert np.diff(line.centres).max() <= 0.26  # the 0.25-s hop, each stream's own
+    for number, path in enumerate(chosen):
+        start = 5 * number + line.window_seconds / 2
+        inside = (line.centres >= start) & (line.centres <= start + 5 - line.window_seconds)
+        mean = line.probabilities[inside].mean(0)
+        assert frozen.labels[int(mean.argmax())] == labels[path.name]
+    # The fused model through the command line: events, a picture, sed_eval scores.
+    code, stdout, err = run_cli(
+        "detect", runs["fused"], recording, "--out", tmp_path / "events.csv",
+        "--plot", tmp_path / "pictures",
+    )  # fmt: skip
+    assert code == 0, err
+    events = pd.read_csv(tmp_path / "events.csv")
+    assert set(events["event_label"]) <= set(frozen.labels) and len(events)
+    assert (tmp_path / "pictures" / "three.png").stat().st_size > 10_000
+    reference = tmp_path / "scenes" / "events.csv"
+    pd.DataFrame(
+        {
+            "filename": ["three.wav"] * 3,
+            "onset": [0.0, 5.0, 10.0],
+            "offset": [5.0, 10.0, 15.0],
+            "event_label": [labels[path.name] for path in chosen],
+        }
+    ).to_csv(reference, index=False)
+    code, stdout, err = run_cli("evaluate", runs["frozen"], recording.parent, "--events", reference)
+    assert code == 0, err
+    assert float(re.search(r"segment-based \(1 s\) F1 ([\d.]+)", stdout).group(1)) >= 0.6
+
+
+def test_part_heads_add_up_to_the_head():
+    rng = np.random.default_rng(0)
+    head = {
+        "mean": rng.normal(size=8).astype(np.float32),
+        "scale": rng.uniform(0.5, 2, size=8).astype(np.float32),
+        "coef": rng.normal(size=(3, 8)).astype(np.float32),
+        "intercept": rng.normal(size=3).astype(np.float32),
+    }
+    vectors = rng.normal(size=(4, 8))
+    shares = part_heads(head, [5, 3])
+    summed = head_logits(shares[0], vectors[:, :5]) + head_logits(shares[1], vectors[:, 5:])
+    np.testing.assert_allclose(summed, head_logits(head, vectors), rtol=1e-6)
+    with pytest.raises(FrozenError, match="parts of 7 dims for a head over 8"):
+        part_heads(head, [4, 3])
+
+
+def test_report_of_frozen_and_fused_runs(runs, tmp_path):
+    import shutil
+
+    from soundsight.report import write_report
+
+    for name in ("frozen", "fused"):
+        folder = shutil.copytree(runs["root"] / name, tmp_path / name)
+        page = write_report(folder, runs["cache"]).read_text()
+        valid = pd.read_csv(folder / "valid_predictions.csv")
+        for picture in ("confusion", "per_class", "top_losses", "tsne"):
+            assert (folder / f"{picture}.png").stat().st_size > 5_000, picture
+        # The t-SNE places every validation clip by the parts' embeddings.
+        assert sorted(pd.read_csv(folder / "tsne.csv")["path"]) == sorted(valid["path"])
+        assert "aisfx 512-d" in page and "frozen parts' embeddings" in page
+        assert "CC-BY-4.0" in page
+    assert "weight of the head" in page and "Late fusion" in page
+    assert "fused network: model" in page

@@ -346,7 +346,6 @@ def _train_valid(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from .frozen import is_frozen_backbone
     from .layouts import is_multi_label
-    from .report import plot_run
     from .training import is_global_zero, train
 
     clips, valid = _train_valid(args)
@@ -380,11 +379,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     _print_scores("validation", result.metrics)
     print(f"model written to {result.model_path}")
-    print(
-        f"plots: {len(plot_run(args.out, args.cache))} PNGs in {args.out} "
-        f"(soundsight report {args.out} makes report.html)"
-    )
+    _print_plots(args.out, args.cache)
     return 0
+
+
+def _print_plots(out: str, cache: str | None) -> None:
+    """Plot a run folder (:func:`soundsight.report.plot_run`) and say where."""
+    from .report import plot_run
+
+    print(
+        f"plots: {len(plot_run(out, cache))} PNGs in {out} "
+        f"(soundsight report {out} makes report.html)"
+    )
 
 
 def _train_frozen(args: argparse.Namespace, clips, valid, backbone: str, seed: int) -> int:
@@ -406,6 +412,7 @@ def _train_frozen(args: argparse.Namespace, clips, valid, backbone: str, seed: i
     )
     _print_scores("validation", result.metrics)
     print(f"model written to {result.model_path} (frozen {backbone} embeddings + logistic head)")
+    _print_plots(args.out, args.cache)
     return _report_failures(result.failures)
 
 
@@ -423,7 +430,6 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .frozen import is_frozen_backbone
     from .report import plot_run
     from .training import cross_validate, is_global_zero
 
@@ -450,9 +456,6 @@ def cmd_cv(args: argparse.Namespace) -> int:
     print(pd.DataFrame(result.folds).to_string(index=False))
     for key in list(result.mean)[1:]:
         print(f"{key}: {result.mean[key]:.4f} +- {result.std[key]:.4f}")
-    if is_frozen_backbone(model.backbone):  # the run plots read fine-tuned models only
-        print(f"results: {Path(args.out) / 'cv.json'} (frozen {model.backbone} heads; no plots)")
-        return 0
     print(
         f"results: {Path(args.out) / 'cv.json'}; plots: {len(plot_run(args.out, args.cache))} PNGs"
     )
@@ -491,6 +494,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             f"{fusion['noisy_head_accuracy']:.4f}, fused {fusion['noisy_accuracy']:.4f}"
         )
     print(f"model: {result.model_path}; weights tried: {Path(args.out) / 'fusion.png'}")
+    _print_plots(args.out, args.cache)
     return _report_failures(result.failures)
 
 
@@ -540,10 +544,10 @@ def _evaluate_events(args: argparse.Namespace) -> int:
     """``evaluate --events``: detect on the annotated files, score with sed_eval."""
     from .detection import detect
     from .evaluation import event_scores, read_event_annotations, write_json
-    from .prediction import Classifier
+    from .runtime import load_classifier
     from .tables import write_csv
 
-    classifier = Classifier.load(args.model)
+    classifier = load_classifier(args.model, "torch")
     settings = _detect_settings(args)
     reference = read_event_annotations(args.events, args.data, classifier.labels)
     if args.tune:

@@ -16,6 +16,12 @@ the length is one row of probabilities per hop (a 3-hour file at 0.25 s and 60 l
 10 MB) and nothing else; the picture's spectrogram is pooled to a fixed width while the
 blocks stream past.
 
+A frozen-embedding model (:mod:`soundsight.frozen`) is slid the same way, once per
+part: each part's network scores its own windows (its front end, its window length) at
+the same hop and contributes its share of the head's logits; a late-fusion model's
+network gives its probabilities too, blended at the model's weight
+(:func:`frozen_timeline`).
+
 Which labels are "nothing here": a multi-label model's thresholds say it (no label
 above its threshold). A single-label model always names some label, so a label listed
 in :attr:`DetectConfig.background` (by default ``background``, where the model has
@@ -24,6 +30,7 @@ one) is never an event, and the probability threshold decides the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +39,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -42,8 +49,14 @@ from .audio import AudioError, clip_duration
 from .config import BACKGROUND_LABEL
 from .errors import ConfigError
 from .files import write_whole
+from .frozen import FrozenClassifier, NetworkPart, head_logits, part_heads
 from .prediction import STREAM_SECONDS, Classifier, score_windows
+from .runtime import load_classifier
 from .tables import write_csv
+
+#: What slides windows along a recording: a fine-tuned model, or a frozen-embedding
+#: one (late fusion included) whose parts are networks.
+Model = Classifier | FrozenClassifier
 
 #: Columns of an events table, in the DCASE order (plus the peak probability).
 EVENT_COLUMNS = ("filename", "onset", "offset", "event_label", "probability")
@@ -104,7 +117,8 @@ class Timeline:
     centres : np.ndarray
         ``(frames,)`` seconds: the centre of each scored window.
     probabilities : np.ndarray
-        ``(frames, labels)`` float32, one row per window.
+        ``(frames, labels)`` float32, one row per window (a frozen part's share of its
+        head's logits, inside :func:`frozen_timeline`).
     duration : float
         Seconds of audio in the recording.
     window_seconds : float
@@ -174,10 +188,16 @@ def timeline(
     hop_seconds: float = DetectConfig.hop_seconds,
     progress: bool = False,
     name: str = "",
+    head: dict[str, np.ndarray] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Timeline:
     """Frame-wise probabilities of a recording given as its log-mel in column
     ``blocks`` (``frames`` in all, as :meth:`Featuriser.stream` yields them), scored
     window by window by the one windowed scorer.
+
+    With ``head`` (a frozen head's share for this network's embedding,
+    :func:`~soundsight.frozen.part_heads`), each window's row is that share of the
+    head's logits over ``labels`` instead of the network's probabilities.
 
     Raises
     ------
@@ -196,21 +216,27 @@ def timeline(
     with tqdm(
         total=len(starts), desc=f"detect {name}".strip(), unit="window", disable=not progress
     ) as bar:
-        scored = score_each_window(classifier, frames, pooled.tap(blocks), starts, bar=bar)
+        labels = list(classifier.labels if labels is None else labels)
+        scored = score_each_window(
+            classifier, frames, pooled.tap(blocks), starts, embed=head is not None, bar=bar
+        )
         # Filled in place rather than collecting each window's row (a small array
         # backed by its own torch tensor, 14,400 an hour at a 0.25-s hop): holding
         # those made the peak RSS grow with the recording, 1,114 MB at 10 min and
         # 1,134 MB at 40 min of ESC audio (ESC model); filled in place, 1,113 MB at 40.
-        probabilities = np.empty((len(starts), len(classifier.labels)), np.float32)
-        for row, (window, _) in enumerate(scored):
-            probabilities[row] = window
+        probabilities = np.empty((len(starts), len(labels)), np.float32)
+        for row, (window, embedding) in enumerate(scored):
+            if head is None:
+                probabilities[row] = window
+            else:  # embed=True: every window has its embedding
+                probabilities[row] = head_logits(head, cast(np.ndarray, embedding)[None])[0]
     duration = features.frames_to_seconds(frames)
     if frames <= view.frames:
         centres = np.array([duration / 2])
     else:  # seconds, as FeatureConfig.frames_to_seconds, for every window at once
         centres = (starts + view.frames / 2) * features.hop_length / features.sample_rate
     return Timeline(
-        labels=list(classifier.labels),
+        labels=labels,
         centres=np.asarray(centres, np.float64),
         probabilities=probabilities,
         duration=float(duration),
@@ -270,23 +296,114 @@ def file_blocks(
 
 
 def file_timeline(
-    classifier: Classifier,
+    model: Model,
     path: str | os.PathLike,
     hop_seconds: float = DetectConfig.hop_seconds,
     progress: bool = False,
 ) -> Timeline:
-    """:func:`timeline` of an audio file (:func:`file_blocks`).
+    """:func:`timeline` of an audio file (:func:`file_blocks`); a frozen-embedding
+    model's through :func:`frozen_timeline`.
 
     Raises
     ------
     AudioError
         The file cannot be read as audio.
+    ConfigError
+        The model cannot place sounds in time (see :func:`timeline`,
+        :func:`frozen_timeline`).
     """
-    frames, blocks = file_blocks(classifier, path)
-    return timeline(classifier, frames, blocks, hop_seconds, progress, Path(path).name)
+    if isinstance(model, FrozenClassifier):
+        return frozen_timeline(model, path, hop_seconds, progress)
+    frames, blocks = file_blocks(model, path)
+    return timeline(model, frames, blocks, hop_seconds, progress, Path(path).name)
 
 
-def thresholds(classifier: Classifier, settings: DetectConfig) -> np.ndarray:
+def frozen_timeline(
+    model: FrozenClassifier,
+    source: str | os.PathLike | np.ndarray,
+    hop_seconds: float = DetectConfig.hop_seconds,
+    progress: bool = False,
+) -> Timeline:
+    """Frame-wise probabilities of an audio file, or of a mono waveform at
+    ``model.features.sample_rate`` (a served upload), under a frozen-embedding model.
+
+    The head is linear in the concatenated part vectors, so each part's network
+    slides its own windows along the file (its front end, its window length) at the
+    same hop and gives its share of the logits (:func:`~soundsight.frozen.part_heads`);
+    the shares are added and softmaxed. A late-fusion model's network is slid too and
+    blended at the model's weight. Each stream reads a file in blocks. They are joined at
+    the window centres of the fused network (else of the first part), taking each
+    other stream's window nearest in time; the timeline's window length is that
+    stream's.
+
+    Raises
+    ------
+    ConfigError
+        A part embeds whole clips only (BirdNET), or the fused network squashes
+        whole clips (``--recipe seed``).
+    AudioError
+        The file cannot be read as audio.
+    """
+    from scipy.special import softmax
+
+    networks = []
+    for part in model.parts:
+        if not isinstance(part, NetworkPart):  # checked for every part before any work
+            raise ConfigError(
+                f"detect slides the windows of network parts (aisfx, the EfficientNet-"
+                f"Lites); part {part.name!r} of {model.spec.backbone} embeds whole clips"
+            )
+        networks.append(part.classifier)
+
+    def blocks_of(network: Classifier) -> tuple[int, Iterator[np.ndarray]]:
+        if isinstance(source, np.ndarray):
+            db = network.log_mel(model.at_rate(source, network.features.sample_rate))
+            return db.shape[1], iter([db])
+        return file_blocks(network, source)
+
+    name = "" if isinstance(source, np.ndarray) else Path(source).name
+    fused = None
+    if model.network is not None:
+        frames, blocks = blocks_of(model.network)
+        fused = timeline(model.network, frames, blocks, hop_seconds, progress, name)
+    shares = part_heads(model.head, [part.dim for part in model.parts])
+    lines = []
+    for network, share in zip(networks, shares, strict=True):
+        frames, blocks = blocks_of(network)
+        lines.append(
+            timeline(network, frames, blocks, hop_seconds, progress, name, share, model.labels)
+        )
+    base = fused or lines[0]
+    logits = np.sum([_nearest_rows(line, base.centres) for line in lines], axis=0)
+    probabilities = softmax(logits.astype(np.float64), axis=1)
+    if fused is not None:
+        probabilities = model.fused_probabilities(probabilities, fused.probabilities)
+    return dataclasses.replace(
+        base, labels=list(model.labels), probabilities=probabilities.astype(np.float32)
+    )
+
+
+def _nearest_rows(line: Timeline, centres: np.ndarray) -> np.ndarray:
+    """``line``'s rows of the windows whose centres are nearest to ``centres``
+    (both ascending)."""
+    if len(line.centres) == 1:
+        return np.repeat(line.probabilities, len(centres), axis=0)
+    right = np.searchsorted(line.centres, centres).clip(1, len(line.centres) - 1)
+    left_nearer = centres - line.centres[right - 1] <= line.centres[right] - centres
+    return line.probabilities[right - left_nearer]
+
+
+def spectrogram_features(model: Model):
+    """The front end of a timeline's spectrogram: the model's, or the stream
+    :func:`frozen_timeline` joins the others at."""
+    if not isinstance(model, FrozenClassifier):
+        return model.features
+    if model.network is not None:
+        return model.network.features
+    return cast(NetworkPart, model.parts[0]).classifier.features
+
+
+def thresholds(classifier: Model, settings: DetectConfig) -> np.ndarray:
     """Per-label thresholds: the setting's, else the model's tuned ones, else 0.5."""
     tuned = classifier.spec.thresholds
     if settings.threshold is not None or not tuned:
@@ -386,7 +503,7 @@ class Detection:
 
 
 def detect(
-    model: str | os.PathLike | Classifier,
+    model: str | os.PathLike | Model,
     paths: Sequence[str | os.PathLike],
     settings: DetectConfig | None = None,
     progress: bool = True,
@@ -397,8 +514,9 @@ def detect(
 
     Parameters
     ----------
-    model : path or Classifier
-        A model file or a loaded classifier.
+    model : path, Classifier or FrozenClassifier
+        A model file or a loaded model: fine-tuned, or frozen-embedding (late fusion
+        included) with network parts (:func:`frozen_timeline`).
     paths : sequence of path-like
         Audio files; one that cannot be read is reported, never stops the rest.
     settings : DetectConfig, optional
@@ -424,7 +542,7 @@ def detect(
     0  street.flac   3.25    4.75    car_horn       0.9312
     """
     settings = settings or DetectConfig()
-    classifier = model if isinstance(model, Classifier) else Classifier.load(model)
+    classifier = _loaded(model)
     limits = thresholds(classifier, settings)
     tables, durations, failures, kept = [], {}, [], {}
     for path in paths:
@@ -440,7 +558,7 @@ def detect(
         if keep_timelines:
             kept[str(path)] = line
         if picture_folder is not None:
-            figure = plot_timeline(line, events, classifier.features)
+            figure = plot_timeline(line, events, spectrogram_features(classifier))
             target = Path(picture_folder) / f"{Path(path).stem}.png"
             write_whole(target, partial(figure.savefig, format="png", dpi=110))
     events = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=EVENT_COLUMNS)
@@ -459,7 +577,7 @@ TUNING_METRICS = ("segment_f1", "event_f1")
 
 
 def tune(
-    model: str | os.PathLike | Classifier,
+    model: str | os.PathLike | Model,
     reference: pd.DataFrame,
     settings: DetectConfig | None = None,
     grid: dict[str, Sequence[float]] | None = None,
@@ -502,7 +620,7 @@ def tune(
     if metric not in TUNING_METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose from {TUNING_METRICS}")
     settings = settings or DetectConfig()
-    classifier = model if isinstance(model, Classifier) else Classifier.load(model)
+    classifier = _loaded(model)
     grid_: dict[str, Sequence[Any]] = dict(TUNING_GRID if grid is None else grid)
     unknown = set(grid_) - {"threshold", "smooth_seconds", "merge_gap", "min_duration"}
     if unknown:
@@ -534,6 +652,14 @@ def tune(
     best = table.iloc[0]
     chosen: dict[str, Any] = {k: None if pd.isna(best[k]) else float(best[k]) for k in grid_}
     return replace(settings, **chosen), table.reset_index(drop=True)
+
+
+def _loaded(model: str | os.PathLike | Model) -> Model:
+    """A loaded model, or the model file read with the torch runtime (timelines slide
+    windows through the torch scorer)."""
+    if isinstance(model, Classifier | FrozenClassifier):
+        return model
+    return load_classifier(model, "torch")
 
 
 def _overall(scores: dict) -> dict[str, float]:

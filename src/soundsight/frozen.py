@@ -316,13 +316,41 @@ def fit_head(vectors: np.ndarray, targets: np.ndarray, labels: int) -> dict[str,
     }
 
 
+def head_logits(head: dict[str, np.ndarray], vectors: np.ndarray) -> np.ndarray:
+    """The head's logits ``(clips, labels)`` float64 on clip vectors ``(clips, D)``."""
+    scaled = (vectors.astype(np.float64) - head["mean"]) / head["scale"]
+    return scaled @ head["coef"].T.astype(np.float64) + head["intercept"]
+
+
 def head_probabilities(head: dict[str, np.ndarray], vectors: np.ndarray) -> np.ndarray:
     """Softmax of the head's logits on clip vectors: sklearn's ``predict_proba``."""
-    scaled = (vectors.astype(np.float64) - head["mean"]) / head["scale"]
-    logits = scaled @ head["coef"].T.astype(np.float64) + head["intercept"]
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    from scipy.special import softmax
+
+    return softmax(head_logits(head, vectors), axis=1).astype(np.float32)
+
+
+def part_heads(head: dict[str, np.ndarray], dims: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """The head split along the concatenated vector, one share per part (of ``dims``
+    widths, in order): each part's standardisation and weight columns, the intercept
+    with the first share only (zeros in the others), so that the parts' logits
+    (:func:`head_logits` of each part's vector) sum to the head's. Detection scores
+    each part along its own windows and adds the shares (:mod:`soundsight.detection`)."""
+    if sum(dims) != head["mean"].shape[0]:
+        raise FrozenError(f"parts of {sum(dims)} dims for a head over {head['mean'].shape[0]}")
+    shares, start = [], 0
+    for number, dim in enumerate(dims):
+        cut = slice(start, start + dim)
+        intercept = head["intercept"] if number == 0 else np.zeros_like(head["intercept"])
+        shares.append(
+            {
+                "mean": head["mean"][cut],
+                "scale": head["scale"][cut],
+                "coef": head["coef"][:, cut],
+                "intercept": intercept,
+            }
+        )
+        start += dim
+    return shares
 
 
 def _versions(parts: Sequence[str]) -> dict[str, str]:
@@ -424,7 +452,7 @@ class FrozenClassifier:
         log-mel and whether it is known (always: a frozen model has no 'unknown' rule);
         what the server asks of a model (:class:`~soundsight.runtime.ClipScorer`)."""
         head, network, db = self.part_probabilities(waveform)
-        return (head if network is None else self._fused(head, network)), db, True
+        return (head if network is None else self.fused_probabilities(head, network)), db, True
 
     def part_probabilities(
         self, waveform: np.ndarray
@@ -432,22 +460,24 @@ class FrozenClassifier:
         """A mono waveform at ``features.sample_rate`` -> the head's probabilities, the
         fused network's (None without one) and the page's log-mel (the network's own
         where there is one)."""
-        import soxr
-
-        rate = self.features.sample_rate
-
-        def at(target: int) -> np.ndarray:
-            if target == rate:
-                return waveform
-            return soxr.resample(waveform, rate, target, quality="HQ")
-
-        vector = np.concatenate([part.embed(at(part.sample_rate)) for part in self.parts])
+        vector = np.concatenate(
+            [part.embed(self.at_rate(waveform, part.sample_rate)) for part in self.parts]
+        )
         probabilities = self.probabilities(vector[None])[0]
         if self.network is None:
             return probabilities, None, self._page_log_mel(waveform)
         # The page shows the fused network's own log-mel (spectrogram_png's scale).
-        tuned, db, _ = self.network.analyse(at(self.network.features.sample_rate))
+        network_rate = self.network.features.sample_rate
+        tuned, db, _ = self.network.analyse(self.at_rate(waveform, network_rate))
         return probabilities, tuned, db
+
+    def at_rate(self, waveform: np.ndarray, target: int) -> np.ndarray:
+        """A mono waveform at ``features.sample_rate`` resampled to ``target`` Hz (soxr
+        HQ): what each part and the fused network are given."""
+        import soxr
+
+        rate = self.features.sample_rate
+        return waveform if target == rate else soxr.resample(waveform, rate, target, quality="HQ")
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
         from .runtime import top_labels
@@ -465,7 +495,7 @@ class FrozenClassifier:
         """The head's probabilities of clip vectors (a fused network's not included)."""
         return head_probabilities(self.head, vectors)
 
-    def _fused(self, head: np.ndarray, network: np.ndarray) -> np.ndarray:
+    def fused_probabilities(self, head: np.ndarray, network: np.ndarray) -> np.ndarray:
         """Late fusion: the weighted mean of the head's and the network's probabilities."""
         weight = self.spec.weight
         return (weight * head + (1 - weight) * network).astype(np.float32)
@@ -477,7 +507,9 @@ class FrozenClassifier:
         vector = np.concatenate([part.embed(path) for part in self.parts])
         probabilities = self.probabilities(vector[None])[0]
         if self.network is not None:
-            probabilities = self._fused(probabilities, self.network.clip_probabilities(path))
+            probabilities = self.fused_probabilities(
+                probabilities, self.network.clip_probabilities(path)
+            )
         return top_labels(self.labels, probabilities, top_k)
 
     def predict_files(
@@ -497,7 +529,9 @@ class FrozenClassifier:
             scored = {path: i for i, path in enumerate(kept_paths)}
             rows = [scored[path] for path in tuned["path"]]
             kept_paths = list(tuned["path"])
-            probabilities = self._fused(probabilities[rows], tuned[self.labels].to_numpy())
+            probabilities = self.fused_probabilities(
+                probabilities[rows], tuned[self.labels].to_numpy()
+            )
         frame = pd.DataFrame(probabilities, columns=self.labels)
         frame.insert(0, "path", kept_paths)
         frame.attrs["known"] = np.ones(len(frame), bool)

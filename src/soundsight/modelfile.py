@@ -139,7 +139,7 @@ class ModelSpec:
         if record.get("kind") == FROZEN_KIND:
             raise ModelFileError(
                 f"{source}: a frozen-embedding model ({record.get('backbone', '?')}): "
-                "`soundsight predict`, `evaluate`, `cv` and `serve` run it; detect, "
+                "`soundsight predict`, `evaluate`, `detect`, `cv` and `serve` run it; "
                 "report, export and fine-tuning do not (yet)"
             )
         for name in ("labels", "features", "model"):

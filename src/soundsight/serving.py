@@ -211,7 +211,7 @@ class PredictResponse(BaseModel):
     events: list[Event] | None = Field(
         None,
         description="the clip's sound events, in time order (with ?timeline=true; null with the "
-        "ONNX runtime, which scores whole clips)",
+        "ONNX runtime, which scores whole clips, and for a frozen model with a BirdNET part)",
     )
 
 
@@ -322,7 +322,7 @@ class _Analyser:
         if image:
             result["spectrogram_png"] = base64.b64encode(clf.spectrogram_png(db)).decode("ascii")
         if timeline:  # the events of soundsight detect, on the analysed part
-            result["events"] = _timeline_events(clf, db)
+            result["events"] = _timeline_events(clf, wave, db)
         result["processing_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return result
 
@@ -334,17 +334,26 @@ class _Analyser:
         return self(data, name, top_k, image, timeline), waited
 
 
-def _timeline_events(clf: ClipScorer, db: np.ndarray) -> list[dict[str, Any]] | None:
-    """The events of ``soundsight detect`` in an analysed clip's log-mel; None with the
-    ONNX runtime, whose graph scores whole clips (timelines slide windows over a log-mel
-    through the torch scorer)."""
-    from .detection import DetectConfig, find_events, thresholds
+def _timeline_events(
+    clf: ClipScorer, wave: np.ndarray, db: np.ndarray
+) -> list[dict[str, Any]] | None:
+    """The events of ``soundsight detect`` in an analysed clip (its waveform and the
+    model's log-mel of it); None with the ONNX runtime, whose graph scores whole clips
+    (timelines slide windows through the torch scorer), and for a frozen model with a
+    BirdNET part (whole clips only)."""
+    from .detection import DetectConfig, find_events, frozen_timeline, thresholds
     from .detection import timeline as frame_timeline
+    from .frozen import FrozenClassifier, NetworkPart
     from .prediction import Classifier
 
-    if not isinstance(clf, Classifier):
+    if isinstance(clf, FrozenClassifier):
+        if not all(isinstance(part, NetworkPart) for part in clf.parts):
+            return None
+        line = frozen_timeline(clf, wave)
+    elif isinstance(clf, Classifier):
+        line = frame_timeline(clf, db.shape[1], [db])
+    else:
         return None
-    line = frame_timeline(clf, db.shape[1], [db])
     events = find_events(line, DetectConfig(), thresholds(clf, DetectConfig()))
     return events.to_dict("records")
 

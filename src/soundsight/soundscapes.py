@@ -199,6 +199,23 @@ def write_soundscapes(
     return write_csv(pd.concat(tables, ignore_index=True), folder / "events.csv")
 
 
+def _sounding_start(clip: np.ndarray, need: int, rng: np.random.Generator) -> int:
+    """The first sample of a random stretch of ``need`` samples of ``clip`` that holds
+    some of its sound: a sample is drawn from the clip's non-silent intervals
+    (librosa, 30 dB under the loudest frame, as :func:`trimmed`), then a stretch
+    around it. A stretch of an event clip drawn anywhere is often a pause (between the
+    knocks, the barks, the crows) that the example would still call the event."""
+    import librosa
+
+    if len(clip) <= need:
+        return int(rng.integers(1))  # the draw seeded sets of short clips always made
+    intervals = librosa.effects.split(clip, top_db=30.0, frame_length=512, hop_length=128)
+    if not len(intervals):  # no frame stands out: any stretch
+        return int(rng.integers(len(clip) - need + 1))
+    sample = int(rng.choice(np.concatenate([np.arange(a, b) for a, b in intervals])))
+    return int(rng.integers(max(0, sample - need + 1), min(sample, len(clip) - need) + 1))
+
+
 def write_examples(
     folder: str | os.PathLike,
     events: Sequence[tuple[str | os.PathLike, str]],
@@ -214,7 +231,8 @@ def write_examples(
     each event clip (trimmed, cut to ``seconds``) at a random offset over a bed of
     ambience of ``seconds``, and ``backgrounds`` beds alone labelled
     ``background_label``. An event clip longer than ``seconds`` gives a random stretch
-    of it (a clip listed several times gives several stretches); one labelled
+    of it that holds some of the sound (a clip listed several times gives several
+    stretches), at the level it has within the whole sound; one labelled
     ``background_label`` is a negative example (a sound that is none of the events, over
     the bed). Returns ``folder``."""
     rng = np.random.default_rng(seed)
@@ -233,10 +251,14 @@ def write_examples(
     for number, (path, label) in enumerate(events):
         bed = ambience(ambient, seconds, sample_rate, rng)
         clip = trimmed(load_clip(path, sample_rate))
-        begin = int(rng.integers(max(len(clip) - need, 0) + 1))
+        # The whole sound's level sets the gain, as in make_soundscape: a stretch keeps
+        # its loudness relative to the rest of the sound, so a pause inside a clip is as
+        # quiet over the bed as it is in a recording, never raised to the ratio itself.
+        level = _rms(clip)
+        begin = _sounding_start(clip, need, rng)
         clip = clip[begin : begin + need]
         at = int(rng.integers(need - len(clip) + 1))
-        gain = 10 ** (rng.uniform(*snr_db) / 20) * _rms(bed) / _rms(clip)
+        gain = 10 ** (rng.uniform(*snr_db) / 20) * _rms(bed) / level
         bed[at : at + len(clip)] += gain * clip
         write(label, number, bed)
     for number in range(len(events), len(events) + backgrounds):

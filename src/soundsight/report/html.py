@@ -23,6 +23,7 @@ import pandas as pd
 from ..audio import AudioError, load_clip
 from ..config import config_to_dict
 from ..files import write_whole
+from ..modelfile import FrozenSpec, ModelSpec
 from . import plotting
 from .run import CVData, RunData, cv_folds, is_cv_folder
 
@@ -48,6 +49,8 @@ METRICS = {
     "macro_f1": "macro F1",
 }
 #: The model file's configs shown, with their captions.
+#: Titled tables of (field, value) rows: the report's configuration section.
+ConfigTables = list[tuple[str, list[tuple[str, str]]]]
 CONFIGS = {"train": "training recipe", "model": "model", "features": "log-mel features"}
 #: A single run's sections, for the page's navigation.
 SECTIONS = (
@@ -191,13 +194,15 @@ class RunSection:
     labels: list[str]
     images: dict[str, str]
     metrics: list[tuple[str, str]]
-    configs: list[tuple[str, list[tuple[str, str]]]]
+    configs: ConfigTables
     tables: dict[str, Table]
     failures: int
     confused: int
     top_losses: list[dict]
     calibration: list[tuple[str, str]]
     calibration_note: str | None
+    #: A frozen-embedding model's run: its embeddings are its parts', not a network's.
+    frozen: bool = False
 
     @classmethod
     def of(cls, folder: Path, prefix: str = "", level: int = 2) -> RunSection:
@@ -208,7 +213,8 @@ class RunSection:
             level=level,
             labels=run.labels,
             # learning_curve.png: `soundsight learning-curve DATA --out RUN`'s picture.
-            images=_images(folder, (*plotting.RUN_PLOTS, "learning_curve")),
+            # fusion.png: `soundsight fuse`'s accuracy against the head's weight.
+            images=_images(folder, (*plotting.RUN_PLOTS, "learning_curve", "fusion")),
             metrics=[
                 (name, f"{value:.4f}" if isinstance(value, float) else str(value))
                 for key, name in METRICS.items()
@@ -221,6 +227,7 @@ class RunSection:
             top_losses=_top_loss_rows(run),
             calibration=_calibration(run),
             calibration_note=run.spec.calibration.get("note") if run.spec else None,
+            frozen=run.frozen is not None,
         )
 
 
@@ -327,17 +334,43 @@ def _calibration(run: RunData) -> list[tuple[str, str]]:
     return rows
 
 
-def _configs(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:
-    """The model file's configs as (title, [(field, JSON value)]) tables."""
-    if run.spec is None:
-        return []
+def _configs(run: RunData) -> ConfigTables:
+    """The model file's configs as (title, [(field, JSON value)]) tables; a frozen
+    model's parts, head and fusion (and a fused network's configs)."""
+    if run.frozen is not None:
+        return _frozen_configs(run.frozen)
+    return [] if run.spec is None else _spec_configs(run.spec)
+
+
+def _spec_configs(
+    spec: ModelSpec, title_prefix: str = ""
+) -> list[tuple[str, list[tuple[str, str]]]]:
     values = {
-        "features": config_to_dict(run.spec.features),
-        "model": config_to_dict(run.spec.model),
-        "train": run.spec.train,
+        "features": config_to_dict(spec.features),
+        "model": config_to_dict(spec.model),
+        "train": spec.train,
     }
     return [
-        (title, [(str(k), json.dumps(v)) for k, v in values[key].items()])
+        (title_prefix + title, [(str(k), json.dumps(v)) for k, v in values[key].items()])
         for key, title in CONFIGS.items()
         if values.get(key)
+    ]
+
+
+def _frozen_configs(frozen: FrozenSpec) -> ConfigTables:
+    rows = [
+        ("parts", frozen.backbone),
+        ("embedding", " + ".join(f"{part.name} {part.dim}-d" for part in frozen.parts)),
+        *((f"head {key}", json.dumps(value)) for key, value in frozen.head.items()),
+        ("licences", ", ".join(frozen.licences) or "none recorded"),
+    ]
+    if frozen.network is None:
+        return [("frozen embeddings", rows)]
+    rows += [
+        ("fused network", frozen.network.model.backbone),
+        ("weight of the head", f"{frozen.weight:.2f} (of the network {1 - frozen.weight:.2f})"),
+    ]
+    return [
+        ("frozen embeddings, late fusion", rows),
+        *_spec_configs(frozen.network, "fused network: "),
     ]

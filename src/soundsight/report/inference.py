@@ -1,8 +1,9 @@
 """The model inference the report needs: clips' log-mels and their penultimate embeddings.
 
-Kept to this one module behind two names, :class:`LogMels` (a clip's log-mel, cached or
-computed) and :func:`clip_embeddings` (a classifier's embedding of each clip), so the
-figures do not depend on how the network is run.
+Kept to this one module behind three names, :class:`LogMels` (a clip's log-mel, cached
+or computed), :func:`clip_embeddings` (a classifier's embedding of each clip) and
+:func:`frozen_embeddings` (a frozen-embedding model's), so the figures do not depend on
+how the network is run.
 """
 
 from __future__ import annotations
@@ -87,3 +88,17 @@ def clip_embeddings(classifier, log_mels: Sequence[np.ndarray]) -> np.ndarray:
     finally:
         torch.set_num_threads(threads)
     return embeddings.astype(np.float32)
+
+
+def frozen_embeddings(
+    model_path: str | os.PathLike, paths: Sequence[str], cache: str | os.PathLike | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A frozen-embedding model's clip vectors (its parts' embeddings concatenated,
+    standardised as its head sees them), read from or added to the embedding cache
+    (``cache``, default training's), and the positions in ``paths`` of the clips that
+    could be embedded."""
+    from ..frozen import FrozenClassifier, clip_vectors
+
+    model = FrozenClassifier.load(model_path)
+    vectors, kept, _ = clip_vectors(paths, model.parts, cache or DEFAULT_CACHE, progress=False)
+    return (vectors - model.head["mean"]) / model.head["scale"], kept

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..features import FeatureConfig
 from ..files import write_whole
 from ..tables import write_csv
-from .inference import LogMels, clip_embeddings
+from .inference import LogMels, clip_embeddings, frozen_embeddings
 from .run import CVData, RunData, is_cv_folder, steps_per_epoch_from_checkpoints
 
 #: PNGs of a run folder, in report order.
@@ -187,10 +187,11 @@ def plot_reliability(table: pd.DataFrame, spec=None) -> Figure:
 
 
 def _embedded_clips(
-    run: RunData, log_mels: LogMels, say: _Progress
+    run: RunData, log_mels: LogMels, cache: str | os.PathLike | None, say: _Progress
 ) -> tuple[pd.DataFrame, list[np.ndarray]] | None:
     """The validation clips (a stratified sample) with their t-SNE positions ``x``,
-    ``y`` and spectrogram thumbnails; None when too few clips for a picture."""
+    ``y`` and spectrogram thumbnails; None when too few clips for a picture. A frozen
+    model's embeddings are its parts' (``cache``: where they are kept)."""
     from ..prediction import Classifier
 
     assert run.predictions is not None  # run_figures checked it
@@ -201,7 +202,6 @@ def _embedded_clips(
     )
     if len(clips) < MIN_TSNE_CLIPS:
         return None
-    classifier = Classifier.load(run.model_path)
     thumbnails, kept, dbs = [], [], []
     for i, path in enumerate(clips["path"]):
         db = log_mels(path)
@@ -213,7 +213,12 @@ def _embedded_clips(
         thumbnails.append(_resize(image, THUMBNAIL))
     clips = clips.iloc[kept].reset_index(drop=True)
     say(f"{len(clips)} log-mels")
-    embeddings = clip_embeddings(classifier, dbs)
+    if run.frozen is not None:
+        embeddings, embedded = frozen_embeddings(run.model_path, list(clips["path"]), cache)
+        clips = clips.iloc[embedded].reset_index(drop=True)
+        thumbnails = [thumbnails[i] for i in embedded]
+    else:
+        embeddings = clip_embeddings(Classifier.load(run.model_path), dbs)
     del dbs
     say(f"embeddings {embeddings.shape}")
     positions = plots.tsne_positions(embeddings)
@@ -222,10 +227,15 @@ def _embedded_clips(
 
 
 def _tsne_figures(
-    run: RunData, log_mels: LogMels, wanted: set[str], data: dict, say: _Progress
+    run: RunData,
+    log_mels: LogMels,
+    cache: str | os.PathLike | None,
+    wanted: set[str],
+    data: dict,
+    say: _Progress,
 ) -> Iterator[tuple[str, Figure]]:
     """t-SNE of the clips' embeddings, as points and as thumbnails (``data["tsne"]``)."""
-    embedded = _embedded_clips(run, log_mels, say)
+    embedded = _embedded_clips(run, log_mels, cache, say)
     if embedded is None:
         return
     tsne, thumbnails = embedded
@@ -293,7 +303,7 @@ def run_figures(
         )
         say("top losses")
     if wanted & TSNE_PLOTS and run.model_path.is_file():
-        yield from _tsne_figures(run, log_mels, wanted, data, say)
+        yield from _tsne_figures(run, log_mels, cache, wanted, data, say)
 
 
 def figures(

@@ -18,7 +18,14 @@ import torch
 
 from .. import plots
 from ..features import FeatureConfig
-from ..modelfile import ModelSpec, read_spec
+from ..modelfile import (
+    FROZEN_KIND,
+    FrozenSpec,
+    ModelSpec,
+    model_kind,
+    read_frozen_model_file,
+    read_spec,
+)
 from ..tables import read_csv
 
 #: The text columns of each CSV of a run folder; the other columns are numbers.
@@ -67,11 +74,15 @@ class RunData:
         The run folder.
     spec : ModelSpec or None
         The model file's validated record (:func:`~soundsight.modelfile.read_spec`),
-        None without a model file.
+        None without a model file or with a frozen one.
+    frozen : FrozenSpec or None
+        A frozen-embedding (or late-fusion) model file's record instead: its parts,
+        licences and fusion weight (no recipe, temperature or thresholds).
     labels : list of str
         The classes, in the model's order.
     features : FeatureConfig or None
-        The log-mel settings the model was trained on.
+        The log-mel settings the model was trained on (a fused network's; None for a
+        frozen head, whose parts each have their own front end).
     history, predictions, per_class, most_confused, top_losses, lr_find, failures
         The run's CSVs as frames (None when absent).
     confusion : ndarray or None
@@ -89,6 +100,7 @@ class RunData:
 
     folder: Path
     spec: ModelSpec | None = None
+    frozen: FrozenSpec | None = None
     labels: list[str] = field(default_factory=list)
     features: FeatureConfig | None = None
     history: pd.DataFrame | None = None
@@ -115,17 +127,21 @@ class RunData:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: run folder not found")
         run = cls(folder)
-        if run.model_path.is_file():
+        if run.model_path.is_file() and model_kind(run.model_path) == FROZEN_KIND:
+            run.frozen = read_frozen_model_file(run.model_path)[1]
+            run.features = run.frozen.network.features if run.frozen.network else None
+        elif run.model_path.is_file():
             run.spec = read_spec(run.model_path)
             run.features = run.spec.features
+        record = run.spec or run.frozen
         run.predictions = read_run_csv(folder, "valid_predictions.csv")
         if run.predictions is not None:
             run.labels = list(run.predictions.columns[2:])
         else:
-            run.labels = list(run.spec.labels) if run.spec else []
+            run.labels = list(record.labels) if record else []
         run.multi_label = (
-            run.spec.multi_label
-            if run.spec is not None
+            record.multi_label
+            if record is not None
             else run.predictions is not None and "labels" in run.predictions
         )
         confusion = read_run_csv(folder, "confusion.csv")
@@ -143,7 +159,7 @@ class RunData:
         if (folder / "metrics.json").is_file():
             run.metrics = json.loads((folder / "metrics.json").read_text())
         else:
-            run.metrics = dict(run.spec.metrics) if run.spec else {}
+            run.metrics = dict(record.metrics) if record else {}
         return run
 
     def inputs(self) -> dict[str, float]:

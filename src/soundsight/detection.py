@@ -46,7 +46,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .audio import AudioError, clip_duration
-from .config import BACKGROUND_LABEL
+from .config import BACKGROUND_LABEL, FeatureConfig
 from .errors import ConfigError
 from .files import write_whole
 from .frozen import FrozenClassifier, NetworkPart, head_logits, part_heads
@@ -393,7 +393,7 @@ def _nearest_rows(line: Timeline, centres: np.ndarray) -> np.ndarray:
     return line.probabilities[right - left_nearer]
 
 
-def spectrogram_features(model: Model):
+def spectrogram_features(model: Model) -> FeatureConfig:
     """The front end of a timeline's spectrogram: the model's, or the stream
     :func:`frozen_timeline` joins the others at."""
     if not isinstance(model, FrozenClassifier):

@@ -48,9 +48,9 @@ METRICS = {
     "mean_ap": "mAP",
     "macro_f1": "macro F1",
 }
-#: The model file's configs shown, with their captions.
 #: Titled tables of (field, value) rows: the report's configuration section.
 ConfigTables = list[tuple[str, list[tuple[str, str]]]]
+#: The model file's configs shown, with their captions.
 CONFIGS = {"train": "training recipe", "model": "model", "features": "log-mel features"}
 #: A single run's sections, for the page's navigation.
 SECTIONS = (
@@ -342,9 +342,7 @@ def _configs(run: RunData) -> ConfigTables:
     return [] if run.spec is None else _spec_configs(run.spec)
 
 
-def _spec_configs(
-    spec: ModelSpec, title_prefix: str = ""
-) -> list[tuple[str, list[tuple[str, str]]]]:
+def _spec_configs(spec: ModelSpec, title_prefix: str = "") -> ConfigTables:
     values = {
         "features": config_to_dict(spec.features),
         "model": config_to_dict(spec.model),

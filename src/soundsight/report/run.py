@@ -18,14 +18,7 @@ import torch
 
 from .. import plots
 from ..features import FeatureConfig
-from ..modelfile import (
-    FROZEN_KIND,
-    FrozenSpec,
-    ModelSpec,
-    model_kind,
-    read_frozen_model_file,
-    read_spec,
-)
+from ..modelfile import FrozenSpec, ModelSpec, read_any_spec
 from ..tables import read_csv
 
 #: The text columns of each CSV of a run folder; the other columns are numbers.
@@ -73,7 +66,7 @@ class RunData:
     folder : Path
         The run folder.
     spec : ModelSpec or None
-        The model file's validated record (:func:`~soundsight.modelfile.read_spec`),
+        The model file's validated record (:func:`~soundsight.modelfile.read_any_spec`),
         None without a model file or with a frozen one.
     frozen : FrozenSpec or None
         A frozen-embedding (or late-fusion) model file's record instead: its parts,
@@ -127,13 +120,12 @@ class RunData:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: run folder not found")
         run = cls(folder)
-        if run.model_path.is_file() and model_kind(run.model_path) == FROZEN_KIND:
-            run.frozen = read_frozen_model_file(run.model_path)[1]
-            run.features = run.frozen.network.features if run.frozen.network else None
-        elif run.model_path.is_file():
-            run.spec = read_spec(run.model_path)
-            run.features = run.spec.features
-        record = run.spec or run.frozen
+        record = read_any_spec(run.model_path) if run.model_path.is_file() else None
+        if isinstance(record, FrozenSpec):  # the header alone: no tensors read
+            run.frozen = record
+            run.features = record.network.features if record.network else None
+        elif record is not None:
+            run.spec, run.features = record, record.features
         run.predictions = read_run_csv(folder, "valid_predictions.csv")
         if run.predictions is not None:
             run.labels = list(run.predictions.columns[2:])

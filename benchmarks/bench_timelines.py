@@ -13,8 +13,8 @@
 2. Builds 20 soundscapes of 60 s from the other side (FSDD test-side digits, ESC events
    and ambience of the other half; ``soundscapes.write_soundscapes``), runs ``detect``
    with each detector (post-processing tuned on 10 validation soundscapes of the
-   training side) and scores it with sed_eval: segment-based F1 (1-s segments, goal
-   >= 0.80) and event-based F1 (200 ms collar).
+   training side: the grid, then each label's threshold) and scores it with sed_eval:
+   segment-based F1 (1-s segments, goal >= 0.80) and event-based F1 (200 ms collar).
 3. ``soundsight detect`` on a 1-hour and a 3-hour 44.1 kHz FLAC (ESC clips end to
    end): wall time (goal <= 60 s for an hour) and peak RSS (goal <= 1.2 GB), each in its
    own process (``wait4`` rusage).
@@ -284,6 +284,8 @@ def markdown(result: dict) -> str:
         ),
         f"| detect wall time on the test soundscapes | {line['detect_wall_s']} s "
         f"| {fused_line['detect_wall_s']} s | |",
+        f"| post-processing chosen on validation | {_chosen(line['settings'])} "
+        f"| {_chosen(fused_line['settings'])} | |",
     ]
     # Time goals were set where the reference step took 201 ms: scaled to this machine.
     scale = result["reference_step_ms"] / REFERENCE_STEP_MS_THERE
@@ -296,6 +298,18 @@ def markdown(result: dict) -> str:
             f"| <= {RSS_GOAL_MB} MB |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _chosen(settings: dict) -> str:
+    """A tuned DetectConfig (as recorded) in a table cell: the tuned fields, then the
+    labels whose threshold the per-label pass moved."""
+    fields = ", ".join(
+        f"{key} {settings[key]:g}"
+        for key in ("threshold", "smooth_seconds", "merge_gap", "min_duration")
+        if settings[key] is not None
+    )
+    moved = settings.get("label_thresholds") or {}
+    return fields + "".join(f"; {label} {value:g}" for label, value in moved.items())
 
 
 if __name__ == "__main__":

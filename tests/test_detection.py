@@ -259,6 +259,7 @@ def test_pooled_spectrogram_is_the_blockwise_maximum():
         ({"threshold": 1.5}, "threshold"),
         ({"min_duration": -1}, "min_duration"),
         ({"merge_gap": float("nan")}, "merge_gap"),
+        ({"label_thresholds": {"dog": 0.0}}, "label_thresholds: 'dog'"),
     ],
 )
 def test_bad_settings_are_refused(options, words):
@@ -457,8 +458,9 @@ def test_tuning_picks_the_best_post_processing_of_the_grid(detector, soundscape,
     reference = read_event_annotations(csv, path.parent, labels)
     # Events of 30 s at least: none in a 20-s file, whatever the detector.
     grid = {"threshold": (0.3, 0.5), "smooth_seconds": (0.25, 0.75), "min_duration": (0.1, 30.0)}
-    best, table = tune(detector, reference, grid=grid, progress=False)
+    best, table = tune(detector, reference, grid=grid, progress=False, per_label=False)
     assert len(table) == 8 and table["segment_f1"].dropna().is_monotonic_decreasing
+    assert (table["label_thresholds"] == "").all() and best.label_thresholds == {}
     # Nothing detected: no score, ranked last.
     assert (
         table["segment_f1"].iloc[4:].isna().all() and (table["min_duration"].iloc[4:] == 30).all()
@@ -487,4 +489,85 @@ def test_tuning_picks_the_best_post_processing_of_the_grid(detector, soundscape,
     )
     assert code == 0, stderr
     assert "best segment_f1" in stdout and "--smooth" in stdout
-    assert len(pd.read_csv(out / "tuning.csv")) == 5 * 5 * 4 * 2  # the default grid
+    per_label = "--label-threshold" in stdout  # the pass's row, where it beat the grid
+    assert len(pd.read_csv(out / "tuning.csv")) == 5 * 5 * 4 * 2 + per_label  # the default grid
+
+
+def test_each_labels_threshold_moves_only_where_that_scores_better():
+    from soundsight.detection import _tune_label_thresholds
+
+    labels = ("dog", "cat", "bird", "background")
+    probabilities = np.zeros((80, 4), np.float32)  # 20 s at a 0.25-s hop
+    probabilities[18:29, 0] = 0.45  # a dog, 5-7.5 s: under the one threshold of 0.5
+    probabilities[46:55, 1] = 0.95  # a cat, 12-14 s
+    probabilities[4:9, 1] = 0.55  # a false cat, 1.5-2.5 s: over 0.5
+    probabilities[:, 3] = 1 - probabilities[:, :3].sum(1)
+    line = _line(probabilities, labels=labels)
+    reference = pd.DataFrame(
+        [("a.wav", 5.0, 7.5, "dog"), ("a.wav", 12.0, 14.0, "cat")],
+        columns=["filename", "onset", "offset", "event_label"],
+    )
+
+    def overall(trial: DetectConfig) -> dict[str, float]:
+        limits = [trial.label_thresholds.get(label, trial.threshold) for label in labels]
+        found = find_events(line, trial, limits).assign(filename="a.wav")
+        scores = event_scores(reference, found, list(labels[:3]), ["a.wav"])
+        return {"segment_f1": scores["segment_f1"], "event_f1": scores["event_f1"]}
+
+    start = DetectConfig(threshold=0.5)
+    before = overall(start)["segment_f1"]
+    best, row = _tune_label_thresholds(start, labels[:3], overall, "segment_f1", before)
+    # The dog's threshold comes down to its level, the cat's goes over its false alarm;
+    # the bird, never heard, keeps the one threshold.
+    assert best.label_thresholds["dog"] <= 0.4
+    assert 0.6 <= best.label_thresholds["cat"] <= 0.9
+    assert "bird" not in best.label_thresholds and best.threshold == 0.5
+    assert row is not None and row["segment_f1"] > before + 0.3 and row["event_f1"] == 1.0
+    assert row["label_thresholds"] == " ".join(
+        f"{k}={v:g}" for k, v in best.label_thresholds.items()
+    )
+    # Nothing better to find: the settings come back as they were, with no row.
+    assert _tune_label_thresholds(best, labels[:3], overall, "segment_f1", 1.0) == (best, None)
+
+
+def test_tuned_flags_printed_for_detect_give_the_tuned_score(
+    detector, soundscape, run_cli, tmp_path
+):
+    path, truth = soundscape
+    csv = tmp_path / "events.csv"
+    truth.assign(filename=path.name)[["filename", "onset", "offset", "event_label"]].to_csv(
+        csv, index=False
+    )
+    reference = read_event_annotations(csv, path.parent, Classifier.load(detector).labels)
+    best, table = tune(detector, reference, grid={"smooth_seconds": (0.75,)}, progress=False)
+    found = detect(detector, [path], best, progress=False)
+    labels = [label for label in Classifier.load(detector).labels if label != "background"]
+    scores = event_scores(reference, found.events.assign(filename=path.name), labels, [path.name])
+    assert scores["segment_f1"] == pytest.approx(table["segment_f1"].iloc[0], abs=1e-4)
+    # The CLI: the flags that tuning prints give evaluate (and detect) that score.
+    code, stdout, stderr = run_cli(
+        "evaluate", detector, path.parent, "--events", csv, "--tune", "segment_f1"
+    )
+    assert code == 0, stderr
+    summary = next(line for line in stdout.splitlines() if line.startswith("best segment_f1"))
+    f1, flags = summary.split()[2], summary.split(": ", 1)[1].split()
+    code, stdout, stderr = run_cli("evaluate", detector, path.parent, "--events", csv, *flags)
+    assert code == 0, stderr
+    assert f"segment-based (1 s) F1 {f1}" in stdout
+    # One label's threshold: its events are those of that threshold, the others' those
+    # of the one threshold.
+    out = tmp_path / "events.csv"
+    runs = []
+    for flags in (["0.5"], ["1.0"], ["1.0", "--label-threshold", "4=0.5"]):
+        code, _, stderr = run_cli("detect", detector, path, "--out", out, "--threshold", *flags)
+        assert code == 0, stderr
+        runs.append(pd.read_csv(out, dtype={"event_label": str}).drop(columns="filename"))
+    half, full, mixed = (
+        {k: g.values.tolist() for k, g in run.groupby("event_label")} for run in runs
+    )
+    assert half["4"] != full.get("4") and mixed["4"] == half["4"]
+    assert mixed.get("7") == full.get("7")
+    code, _, stderr = run_cli("detect", detector, path, "--label-threshold", "7")
+    assert code == 2 and "expected LABEL=PROBABILITY, got '7'" in stderr
+    code, _, stderr = run_cli("detect", detector, path, "--label-threshold", "cow=0.5")
+    assert code == 2 and "['cow']: the model has no such label" in stderr

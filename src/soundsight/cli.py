@@ -101,6 +101,18 @@ def _probability(text: str) -> float:
     return value
 
 
+def _label_threshold(text: str) -> tuple[str, float]:
+    label, sep, value = text.rpartition("=")
+    if not sep or not label:
+        raise argparse.ArgumentTypeError(f"expected LABEL=PROBABILITY, got {text!r}")
+    try:
+        return label, _probability(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LABEL=PROBABILITY, got {text!r} ({value!r} is not a number)"
+        ) from None
+
+
 def _keep(text: str) -> float:
     from .calibration import check_keep
 
@@ -592,6 +604,7 @@ def _tune_detection(args: argparse.Namespace, classifier, reference, settings) -
         )
         if value is not None
     )
+    flags += "".join(f" --label-threshold {k}={v:g}" for k, v in best.label_thresholds.items())
     print(f"best {args.tune} {table[args.tune].iloc[0]:.4f} of {len(table)} settings: {flags}")
     if args.out:
         write_csv(table, Path(args.out) / "tuning.csv")
@@ -962,8 +975,9 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
         "--tune",
         choices=TUNING_METRICS,
         help="with --events: try every post-processing setting of the grid (threshold, "
-        "smoothing, gap merging, minimum duration) on these annotated recordings, a "
-        "validation set, and print the detect flags that score best on this metric",
+        "smoothing, gap merging, minimum duration), then each label's threshold, on "
+        "these annotated recordings, a validation set, and print the detect flags that "
+        "score best on this metric",
     )
     _add_detect_settings(p)
 
@@ -1014,6 +1028,7 @@ def _detect_settings(args: argparse.Namespace):
         hop_seconds=args.hop,
         smooth_seconds=args.smooth,
         threshold=args.threshold,
+        label_thresholds=dict(args.label_threshold or ()),
         min_duration=args.min_duration,
         merge_gap=args.merge_gap,
         background=tuple(args.background or DetectConfig.background),
@@ -1047,6 +1062,14 @@ def _add_detect_settings(p: argparse.ArgumentParser) -> None:
         type=float,
         help="probability at which a label is active (default: the model's tuned "
         "per-class thresholds, else 0.5)",
+    )
+    group.add_argument(
+        "--label-threshold",
+        action="append",
+        type=_label_threshold,
+        metavar="LABEL=P",
+        help="one label's threshold, in place of --threshold's (repeatable; "
+        "evaluate --events --tune prints the ones that score best)",
     )
     group.add_argument(
         "--background",

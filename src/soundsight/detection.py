@@ -35,7 +35,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -78,6 +78,9 @@ class DetectConfig:
     threshold : float or None
         Probability at which a label is active; None takes the model's tuned
         per-class thresholds where it has them, else 0.5.
+    label_thresholds : dict of str to float
+        Labels whose threshold differs from ``threshold``'s (:func:`tune` chooses
+        them on a validation set); every name must be one of the model's labels.
     min_duration : float
         Events shorter than this (seconds) are dropped.
     merge_gap : float
@@ -90,6 +93,7 @@ class DetectConfig:
     hop_seconds: float = 0.25
     smooth_seconds: float = 0.75
     threshold: float | None = None
+    label_thresholds: dict[str, float] = field(default_factory=dict)
     min_duration: float = 0.1
     merge_gap: float = 0.3
     background: tuple[str, ...] = (BACKGROUND_LABEL,)
@@ -103,6 +107,13 @@ class DetectConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+        for label, value in self.label_thresholds.items():
+            if not (isinstance(label, str) and label and 0 < value <= 1):
+                raise ConfigError(
+                    f"label_thresholds: {label!r} must be a label with a threshold in "
+                    f"(0, 1], got {value}"
+                )
+        object.__setattr__(self, "label_thresholds", dict(self.label_thresholds))
         object.__setattr__(self, "background", tuple(self.background))
 
 
@@ -404,12 +415,23 @@ def spectrogram_features(model: Model) -> FeatureConfig:
 
 
 def thresholds(classifier: Model, settings: DetectConfig) -> np.ndarray:
-    """Per-label thresholds: the setting's, else the model's tuned ones, else 0.5."""
+    """Per-label thresholds: the settings' for a label they name, else the settings'
+    one threshold, else the model's tuned ones, else 0.5."""
+    unknown = sorted(set(settings.label_thresholds) - set(classifier.labels))
+    if unknown:
+        raise ConfigError(
+            f"label thresholds for {unknown}: the model has no such label "
+            f"(its labels: {', '.join(classifier.labels)})"
+        )
     tuned = classifier.spec.thresholds
     if settings.threshold is not None or not tuned:
         value = 0.5 if settings.threshold is None else settings.threshold
-        return np.full(len(classifier.labels), value, np.float32)
-    return np.asarray(tuned, np.float32)
+        limits = np.full(len(classifier.labels), value, np.float32)
+    else:
+        limits = np.asarray(tuned, np.float32)
+    for label, value in settings.label_thresholds.items():
+        limits[classifier.labels.index(label)] = value
+    return limits
 
 
 def _contiguous_regions(active: np.ndarray) -> np.ndarray:
@@ -572,6 +594,8 @@ TUNING_GRID: dict[str, tuple[float, ...]] = {
     "merge_gap": (0.3, 0.6, 1.0, 1.5),
     "min_duration": (0.1, 0.3),
 }
+#: The thresholds :func:`tune` tries for each label in turn, once the grid is searched.
+LABEL_THRESHOLD_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: The scores :func:`tune` can maximise (:func:`soundsight.evaluation.event_scores`).
 TUNING_METRICS = ("segment_f1", "event_f1")
 
@@ -583,15 +607,21 @@ def tune(
     grid: dict[str, Sequence[float]] | None = None,
     metric: str = "segment_f1",
     progress: bool = True,
+    per_label: bool = True,
 ) -> tuple[DetectConfig, pd.DataFrame]:
     """The post-processing settings (threshold, smoothing, gap merging, minimum
-    duration) that score best on annotated recordings: a validation set, never the
-    recordings the settings will be judged on.
+    duration, and each label's threshold) that score best on annotated recordings: a
+    validation set, never the recordings the settings will be judged on.
 
     The windows are scored once (:func:`detect` with ``settings``' hop); each
     combination of ``grid`` only turns the kept timelines into events again and scores
-    them with sed_eval (about 0.06 s a setting on ten 1-minute recordings). A file that
-    cannot be read is named in a warning and left out.
+    them with sed_eval (about 0.06 s a setting on ten 1-minute recordings). Then, from
+    the best combination, each label in turn takes the threshold of
+    :data:`LABEL_THRESHOLD_GRID` that scores best with the others held (one pass of
+    coordinate ascent): labels differ in how sure the model is of them, a single
+    threshold fits none of them well. A label keeps its threshold unless another
+    scores strictly better, so a label the validation set says nothing about is left
+    as it was. A file that cannot be read is named in a warning and left out.
 
     Parameters
     ----------
@@ -606,11 +636,15 @@ def tune(
         tuned per-class thresholds also tries them (``threshold`` None).
     metric : str
         One of :data:`TUNING_METRICS`.
+    per_label : bool
+        Also tune each label's threshold (``label_thresholds``).
 
     Returns
     -------
     best, table
-        The best settings, and every combination tried with its scores, best first.
+        The best settings, and every combination tried with its scores, best first;
+        a column ``label_thresholds`` (``label=value`` pairs, empty for the grid's
+        rows), the per-label pass's row first where it beats the grid.
     """
     import itertools
     from dataclasses import replace
@@ -635,23 +669,57 @@ def tune(
     names = dict(zip(reference["path"], reference["filename"], strict=False))
     scored = [names[p] for p in paths if p in found.timelines]
     labels = [label for label in classifier.labels if label not in settings.background]
-    rows = []
-    for values in itertools.product(*grid_.values()):
-        trial: DetectConfig = replace(settings, **dict(zip(grid_, values, strict=True)))
+
+    def overall(trial: DetectConfig) -> dict[str, float]:
         limits = thresholds(classifier, trial)
         tables = [
             find_events(line, trial, limits).assign(filename=names[path])
             for path, line in found.timelines.items()
         ]
-        scores = event_scores(reference, pd.concat(tables, ignore_index=True), labels, scored)
-        rows.append({**dict(zip(grid_, values, strict=True)), **_overall(scores)})
+        estimated = pd.concat(tables, ignore_index=True)
+        return _overall(event_scores(reference, estimated, labels, scored))
+
+    rows = []
+    for values in itertools.product(*grid_.values()):
+        chosen = dict(zip(grid_, values, strict=True))
+        rows.append({**chosen, "label_thresholds": "", **overall(replace(settings, **chosen))})
     # sed_eval's F1 is NaN where nothing was detected: such settings rank last.
     table = pd.DataFrame(rows).sort_values(
         metric, ascending=False, kind="stable", na_position="last"
     )
-    best = table.iloc[0]
-    chosen: dict[str, Any] = {k: None if pd.isna(best[k]) else float(best[k]) for k in grid_}
-    return replace(settings, **chosen), table.reset_index(drop=True)
+    top = table.iloc[0]
+    chosen = {k: None if pd.isna(top[k]) else float(top[k]) for k in grid_}
+    best: DetectConfig = replace(settings, **chosen)
+    if per_label:
+        start = -math.inf if pd.isna(top[metric]) else float(top[metric])
+        best, row = _tune_label_thresholds(best, labels, overall, metric, start)
+        if row is not None:
+            table = pd.concat([pd.DataFrame([{**chosen, **row}]), table])
+    return best, table.reset_index(drop=True)
+
+
+def _tune_label_thresholds(
+    settings: DetectConfig,
+    labels: Sequence[str],
+    overall: Callable[[DetectConfig], dict[str, float]],
+    metric: str,
+    score: float,
+) -> tuple[DetectConfig, dict[str, Any] | None]:
+    """:func:`tune`'s per-label pass: the settings with each label's threshold
+    changed where that scores strictly better, and their table row (None: no change
+    helped)."""
+    from dataclasses import replace
+
+    best, row = settings, None
+    for label in labels:
+        for value in LABEL_THRESHOLD_GRID:
+            trial = replace(best, label_thresholds={**best.label_thresholds, label: value})
+            scores = overall(trial)
+            if scores[metric] > score:  # NaN (nothing detected) is never better
+                best, score = trial, scores[metric]
+                pairs = " ".join(f"{k}={v:g}" for k, v in best.label_thresholds.items())
+                row = {"label_thresholds": pairs, **scores}
+    return best, row
 
 
 def _loaded(model: str | os.PathLike | Model) -> Model:

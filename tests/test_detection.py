@@ -260,6 +260,7 @@ def test_pooled_spectrogram_is_the_blockwise_maximum():
         ({"min_duration": -1}, "min_duration"),
         ({"merge_gap": float("nan")}, "merge_gap"),
         ({"label_thresholds": {"dog": 0.0}}, "label_thresholds: 'dog'"),
+        ({"label_thresholds": {"dog": "high"}}, "label_thresholds: 'dog'"),
     ],
 )
 def test_bad_settings_are_refused(options, words):

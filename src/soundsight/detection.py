@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -108,7 +109,8 @@ class DetectConfig:
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
         for label, value in self.label_thresholds.items():
-            if not (isinstance(label, str) and label and 0 < value <= 1):
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (isinstance(label, str) and label and number and 0 < value <= 1):
                 raise ConfigError(
                     f"label_thresholds: {label!r} must be a label with a threshold in "
                     f"(0, 1], got {value}"

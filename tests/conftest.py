@@ -4,6 +4,9 @@ them (symlinked, never copied), and generated clips (sines, noise, broken files)
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -322,3 +325,29 @@ def pytest_collection_modifyitems(config, items):
         needs_model = {"tiny_model", "tiny_onnx"} & set(item.fixturenames)
         if item.module.__name__ in TRAINING_MODULES or needs_model:
             item.add_marker(pytest.mark.slow)
+
+
+#: What predicting or serving an .onnx model must never import.
+HEAVY = ("torch", "timm", "lightning", "librosa", "matplotlib", "sklearn", "scipy", "PIL")
+
+
+def run_without_heavy_modules(code: str) -> None:
+    """Run ``code`` in a fresh Python where every import of :data:`HEAVY` fails, and
+    check that none of them got loaded by the end."""
+    blocker = f"""
+        import sys
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {HEAVY!r}:
+                    raise ImportError(f"blocked: {{name}}")
+        sys.meta_path.insert(0, Blocker())
+        """
+    check = f"""
+        loaded = [m for m in {HEAVY!r} if m in sys.modules]
+        assert not loaded, loaded
+        """
+    source = "".join(textwrap.dedent(part) for part in (blocker, code, check))
+    result = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr

@@ -324,6 +324,15 @@ def test_predict_and_evaluate_a_frozen_model(birdnet_run, esc_five, run_cli, no_
 
 
 @pytest.mark.slow
+def test_export_says_the_birdnet_part_stays_tflite(birdnet_run, run_cli, tmp_path):
+    code, _, err = run_cli(
+        "export", birdnet_run / "model.safetensors", "--out", tmp_path / "m.onnx"
+    )
+    assert code == 2 and "birdnet" in err and "stays TFLite" in err and "--runtime torch" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
 def test_serve_answers_with_a_frozen_model_from_two_workers(birdnet_run, esc_five):
     from concurrent.futures import ThreadPoolExecutor
 

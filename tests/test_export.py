@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from soundsight.aisfx import AISFX_FEATURES
 from soundsight.audio import load_clip
 from soundsight.config import FeatureConfig, ModelConfig
 from soundsight.export import (
@@ -211,8 +212,10 @@ def test_cli_export_and_predict_give_the_torch_csv(run_cli, tiny_model, tmp_path
             FeatureConfig(sample_rate=16000, n_fft=400, hop_length=160, n_mels=64, top_db=None),
             ModelConfig(weights="none", encoding="viridis", crop_seconds=1.0, input_scale=1.5),
         ),
+        # aisfx's own front end (peak-normalised, HTK mels, its log scale) and network.
+        (AISFX_FEATURES, ModelConfig(backbone="aisfx", weights="none", crop_seconds=2.32)),
     ],
-    ids=["squash-grey", "16k-viridis-scaled"],
+    ids=["squash-grey", "16k-viridis-scaled", "aisfx"],
 )
 def test_other_views_and_features_export_exactly(features, model, tmp_path, esc_clips, fsdd_clips):
     labels = tuple(f"class {i}" for i in range(4))

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import run_without_heavy_modules
 from PIL import Image
 
 from soundsight import load_dataset
@@ -158,9 +159,68 @@ def test_cli_fuse_predict_evaluate_and_serve(runs, esc_five, noise_clips, run_cl
     # The page shows the fused network's own log-mel: its mel bands are the rows.
     image = Image.open(io.BytesIO(base64.b64decode(answer["spectrogram_png"])))
     assert image.height == read_spec(runs["network"]).features.n_mels
-    # The paths a fused model does not have yet say so, as for any frozen model.
-    code, _, err = run_cli("export", model, "--out", tmp_path / "m.onnx")
-    assert code == 2 and "frozen-embedding" in err
+
+
+def test_frozen_and_fused_models_export_to_onnx_and_run_torch_free(
+    runs, esc_five, run_cli, tmp_path
+):
+    from fastapi.testclient import TestClient
+
+    from soundsight.runtime import OnnxClassifier
+    from soundsight.serving import ServeConfig, create_app, load_for_serving
+
+    clips = sorted((esc_five / "audio").iterdir())
+    for name in ("frozen", "fused"):
+        onnx_file = tmp_path / f"{name}.onnx"
+        code, _, err = run_cli("export", runs[name], "--out", onnx_file)
+        assert code == 0, err
+        exported, original = OnnxClassifier.load(onnx_file), FrozenClassifier.load(runs[name])
+        # aisfx reads 44.1 kHz; the fused Lite0 22.05 kHz, the graph's second input.
+        assert exported.features.sample_rate == 44100
+        assert exported.rates == ([22050] if name == "fused" else [])
+        assert exported.spec == original.spec and "CC-BY-4.0" in exported.spec.notice
+        got, _ = exported.predict_files(clips, progress=False)
+        expected, _ = original.predict_files(clips, progress=False)
+        labels = original.labels
+        assert list(got["path"]) == list(expected["path"]) and len(got) == 40
+        assert np.abs(got[labels].to_numpy() - expected[labels].to_numpy()).max() <= 1e-4, name
+        # The page's log-mel: the fused network's own, else the default one at 44.1 kHz.
+        wave = exported.waveform(clips[0])
+        db = exported.analyse(wave)[1]
+        assert np.abs(db - original.analyse(wave)[1]).max() <= 0.0625
+    # The CLI's CSV and the server's answer, from the exported fused model.
+    code, _, err = run_cli(
+        "predict", tmp_path / "fused.onnx", *clips[:4], "--out", tmp_path / "o.csv"
+    )
+    assert code == 0 and "CC-BY-4.0" in err
+    code, _, err = run_cli("predict", runs["fused"], *clips[:4], "--out", tmp_path / "t.csv")
+    assert code == 0, err
+    onnx_rows, torch_rows = pd.read_csv(tmp_path / "o.csv"), pd.read_csv(tmp_path / "t.csv")
+    assert list(onnx_rows["label"]) == list(torch_rows["label"])
+    settings = ServeConfig(workers=1, queue_size=2)
+    served = load_for_serving(tmp_path / "fused.onnx", settings)
+    with TestClient(create_app(served, settings), base_url="http://127.0.0.1") as client:
+        answer = client.post(
+            "/predict", files={"file": (clips[0].name, clips[0].read_bytes())},
+            params={"spectrogram": "true"},
+        ).json()  # fmt: skip
+    top = FrozenClassifier.load(runs["fused"]).predict(clips[0])[0][0]
+    assert answer["label"] == top
+    image = Image.open(io.BytesIO(base64.b64decode(answer["spectrogram_png"])))
+    assert image.height == read_spec(runs["network"]).features.n_mels
+    # Torch-free: predicting with the exported frozen model never imports torch.
+    run_without_heavy_modules(
+        f"""
+        from soundsight.runtime import OnnxClassifier
+        clf = OnnxClassifier.load({str(tmp_path / "fused.onnx")!r})
+        assert clf.predict({str(clips[0])!r})[0][0] == {top!r}
+        """
+    )
+    # int8 is for fine-tuned networks: said, nothing written.
+    code, _, err = run_cli(
+        "export", runs["frozen"], "--out", tmp_path / "q.onnx", "--quantize", "dynamic", "--force"
+    )
+    assert code == 2 and "fp32" in err and not (tmp_path / "q.onnx").exists()
 
 
 def test_fusion_table_prefers_accuracy_then_log_loss_then_an_even_mean():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import onnx
 import pandas as pd
 import pytest
 import soundfile as sf
+from conftest import run_without_heavy_modules
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -21,9 +21,6 @@ from soundsight.modelfile import ModelFileError
 from soundsight.prediction import Classifier
 from soundsight.runtime import MAX_SECONDS, OnnxClassifier, load_classifier, palette_png
 from soundsight.serving import ServeConfig, create_app, load_for_serving
-
-#: What predicting or serving an .onnx model must never import.
-HEAVY = ("torch", "timm", "lightning", "librosa", "matplotlib", "sklearn", "scipy", "PIL")
 
 
 @pytest.fixture(scope="module")
@@ -117,28 +114,6 @@ def test_runtime_choice(tiny_onnx, tiny_model):
         load_classifier(tiny_model, "onnx")
     with pytest.raises(Exception, match="runs with --runtime onnx"):
         load_classifier(tiny_onnx, "torch")
-
-
-def run_without_heavy_modules(code: str) -> None:
-    """Run ``code`` in a fresh Python where every import of :data:`HEAVY` fails, and
-    check that none of them got loaded by the end."""
-    blocker = f"""
-        import sys
-        class Blocker:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {HEAVY!r}:
-                    raise ImportError(f"blocked: {{name}}")
-        sys.meta_path.insert(0, Blocker())
-        """
-    check = f"""
-        loaded = [m for m in {HEAVY!r} if m in sys.modules]
-        assert not loaded, loaded
-        """
-    source = "".join(textwrap.dedent(part) for part in (blocker, code, check))
-    result = subprocess.run(
-        [sys.executable, "-c", source], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def test_cli_predict_of_an_onnx_file_never_imports_torch(

@@ -716,10 +716,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file not found: {args.model}")
     from .modelfile import read_any_spec
-    from .runtime import is_onnx
+    from .runtime import OnnxClassifier, is_onnx
 
-    if not is_onnx(args.model):
-        _print_notice(read_any_spec(args.model).notice)
+    # An export's record is in its metadata, read by opening it (its workers reopen it).
+    spec = OnnxClassifier.load(args.model, 1).spec if is_onnx(args.model) else None
+    _print_notice((spec or read_any_spec(args.model)).notice)
     serve(
         args.model,
         args.host,

@@ -15,6 +15,10 @@ feature and model config, recipe, metrics) in their ``metadata_props``, so that 
   to the clip's loudest bin, clipped at ``-top_db``, rounded to float16 as the feature
   cache stores it, the evenly spaced windows (or the squashed image), the colour map
   look-up (normalisation folded into its table), the network and its softmax.
+* ``waveform`` of a frozen-embedding or fused model (:class:`FrozenGraph`): every
+  network part's front end and network, the head, a fused network; one input per rate
+  the parts read (``waveform`` the highest, ``waveform_<rate>`` the others), one row of
+  ``probabilities``. A BirdNET part is TFLite and is refused.
 * ``log-mel``: the network alone. Input ``log_mel_windows`` ``(windows, 1, n_mels,
   frames)`` in dB, output ``probabilities``, for callers with their own front end.
 
@@ -35,12 +39,21 @@ from typing import cast
 import numpy as np
 import torch
 
+from .config import FeatureConfig
 from .errors import SoundsightError
-from .features import LogMel, colour_table
+from .features import LogMel, aisfx_scale, colour_table
 from .files import write_whole
-from .modelfile import ModelSpec
+from .modelfile import FROZEN_KIND, FrozenSpec, ModelSpec, model_kind
 from .models import SoundNet, window_scores
-from .runtime import INPUT_KEY, LABELS_KEY, PALETTE_KEY, QUANTIZATION_KEY, SPEC_KEY
+from .runtime import (
+    INPUT_KEY,
+    LABELS_KEY,
+    PALETTE_KEY,
+    QUANTIZATION_KEY,
+    RATE_INPUT,
+    RATE_KEY,
+    SPEC_KEY,
+)
 
 #: What the graph takes: a clip's samples, or log-mel windows.
 INPUTS = ("waveform", "log-mel")
@@ -56,23 +69,17 @@ class ExportError(SoundsightError, ValueError):
     """A model that cannot be exported as asked, or an int8 copy refused."""
 
 
-class WaveformGraph(torch.nn.Module):
-    """One clip's samples ``(n,)`` -> its windows' probabilities and its log-mel: the
-    torch path of prediction (``Featuriser`` -> ``ClipView.windows`` ->
-    ``window_scores``) written with shape arithmetic the exporter can keep symbolic
-    (no branch on the clip's length), so one graph serves every length."""
+class LogMelGraph(torch.nn.Module):
+    """One clip's samples ``(n,)`` -> its :class:`LogMel` ``(n_mels, frames)`` at the
+    cache's float16 precision, with shape arithmetic the exporter keeps symbolic."""
 
     mel_basis: torch.Tensor
 
-    def __init__(self, net: SoundNet, spec: ModelSpec):
+    def __init__(self, features: FeatureConfig):
         super().__init__()
-        from .data import ClipView
-
-        self.net = net
-        self.features = spec.features
-        self.view = ClipView.for_model(spec.model, spec.features)
-        logmel = LogMel(spec.features)
-        self.power = FactoredPower(logmel.window, spec.features.n_fft, spec.features.hop_length)
+        self.features = features
+        logmel = LogMel(features)
+        self.power = FactoredPower(logmel.window, features.n_fft, features.hop_length)
         # Dense: ONNX has no sparse product (LogMel uses one on CPUs for speed only). Its
         # columns follow the bins in FactoredPower's order (zero where no bin is).
         basis = torch.zeros(logmel.mel_basis.shape[0], len(self.power.bins))
@@ -80,8 +87,8 @@ class WaveformGraph(torch.nn.Module):
         basis[:, kept] = logmel.mel_basis[:, self.power.bins[kept]]
         self.register_buffer("mel_basis", basis, persistent=False)
 
-    def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
-        """:class:`LogMel` of one clip, at the cache's float16 precision."""
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """dB below the clip's loudest bin, or aisfx's scale (``FeatureConfig.front_end``)."""
         cfg = self.features
         n = waveform.shape[0]
         half = cfg.n_fft // 2
@@ -90,12 +97,29 @@ class WaveformGraph(torch.nn.Module):
         # too, so every kept frame sees the same samples).
         frames = 1 + torch.sym_max(n, cfg.n_fft) // cfg.hop_length
         padded = torch.nn.functional.pad(waveform, (half, half + cfg.n_fft))
-        power = self.power(padded, frames)
-        db = 10.0 * torch.log10(torch.matmul(self.mel_basis, power).clamp_min(1e-10))
+        power = torch.matmul(self.mel_basis, self.power(padded, frames))
+        if cfg.front_end == "aisfx":
+            return aisfx_scale(power, waveform.abs().amax(dim=0)).half().float()
+        db = 10.0 * torch.log10(power.clamp_min(1e-10))
         db = db - db.amax(dim=(0, 1), keepdim=True)
         if cfg.top_db is not None:
             db = db.clamp_min(cfg.floor_db)
         return db.half().float()
+
+
+class WaveformGraph(torch.nn.Module):
+    """One clip's samples ``(n,)`` -> its windows' probabilities and its log-mel: the
+    torch path of prediction (``Featuriser`` -> ``ClipView.windows`` ->
+    ``window_scores``) written with shape arithmetic the exporter can keep symbolic
+    (no branch on the clip's length), so one graph serves every length."""
+
+    def __init__(self, net: SoundNet, spec: ModelSpec):
+        super().__init__()
+        from .data import ClipView
+
+        self.net = net
+        self.view = ClipView.for_model(spec.model, spec.features)
+        self.log_mel = LogMelGraph(spec.features)
 
     def windows(self, db: torch.Tensor) -> torch.Tensor:
         """:meth:`ClipView.windows` of a log-mel, ``(k, 1, n_mels, frames)``."""
@@ -134,6 +158,98 @@ class WaveformGraph(torch.nn.Module):
         assert embeddings is not None
         # The embeddings feed the 'unknown' rule (distance to class centroids).
         return probabilities, db, embeddings
+
+
+class FrozenGraph(torch.nn.Module):
+    """A frozen-embedding model (:class:`~soundsight.frozen.FrozenClassifier`) from
+    waveforms to the clip's probabilities ``(1, labels)`` and the page's log-mel.
+
+    Inputs: the clip at each rate a part reads, highest first (``rates``; the runtime
+    resamples with soxr as the torch path does). Each part is its network's
+    :class:`WaveformGraph`, whose window embeddings are max-pooled (``frozen.POOLING``)
+    into the part's vector; the head standardises the joined vector, applies its
+    weights and a softmax; a fused network's windows are averaged and blended in at the
+    model's weight. The page's log-mel is the fused network's, else the default log-mel
+    at the highest rate, as ``FrozenClassifier.analyse`` gives them."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    coef: torch.Tensor
+    intercept: torch.Tensor
+
+    def __init__(
+        self,
+        parts: Sequence[tuple[int, WaveformGraph]],
+        head: dict[str, np.ndarray],
+        rates: Sequence[int],
+        network: tuple[int, WaveformGraph] | None = None,
+        weight: float = 1.0,
+    ):
+        super().__init__()
+        self.part_inputs = [number for number, _ in parts]
+        self.parts = torch.nn.ModuleList(graph for _, graph in parts)
+        for name in ("mean", "scale", "coef", "intercept"):
+            self.register_buffer(name, torch.from_numpy(head[name]).float(), persistent=False)
+        self.network_input = network[0] if network else None
+        self.network = network[1] if network else None
+        self.weight = weight
+        self.page = None if network else LogMelGraph(FeatureConfig(sample_rate=rates[0]))
+
+    def forward(self, *waveforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors = [
+            graph(waveforms[number])[2].amax(dim=0)
+            for number, graph in zip(self.part_inputs, self.parts, strict=True)
+        ]
+        scaled = (torch.cat(vectors) - self.mean) / self.scale
+        logits = scaled @ self.coef.T + self.intercept
+        probabilities = torch.softmax(logits, dim=0)[None]
+        if self.network is None:
+            assert self.page is not None
+            return probabilities, self.page(waveforms[0])
+        assert self.network_input is not None
+        windows, db, _ = self.network(waveforms[self.network_input])
+        fused = self.weight * probabilities + (1 - self.weight) * windows.mean(0, keepdim=True)
+        return fused, db
+
+
+def _frozen_graph(model: str | os.PathLike) -> tuple[FrozenGraph, FrozenSpec, list[int]]:
+    """The :class:`FrozenGraph` of a frozen model file, its record and its input rates.
+
+    Raises :class:`ExportError` for a BirdNET part: a TFLite graph (its mel front end
+    inside), which has no torch form to export."""
+    from .frozen import NETWORK_DIMS, FrozenClassifier, NetworkPart
+    from .modelfile import read_any_spec
+
+    recorded = cast(FrozenSpec, read_any_spec(model))
+    # Refused from the record, before BirdNET's runtime is needed to load the model.
+    tflite = [part.name for part in recorded.parts if part.name not in NETWORK_DIMS]
+    if tflite:
+        raise ExportError(
+            f"{model}: part {', '.join(tflite)} is a TFLite network (ai-edge-litert) with no "
+            "ONNX form: it stays TFLite, so this model runs with --runtime torch only; a "
+            "frozen model of its other parts exports (e.g. --backbone aisfx)"
+        )
+    classifier = FrozenClassifier.load(model)
+    spec = classifier.spec
+    network = classifier.network
+    rates = sorted(
+        {part.sample_rate for part in classifier.parts}
+        | ({network.features.sample_rate} if network else set()),
+        reverse=True,
+    )
+
+    def graph_of(clf) -> WaveformGraph:
+        net = clf.net.eval()
+        net.backbone.to(memory_format=torch.contiguous_format)
+        return WaveformGraph(net, clf.spec).eval()
+
+    parts = [
+        (rates.index(part.sample_rate), graph_of(cast(NetworkPart, part).classifier))
+        for part in classifier.parts
+    ]
+    fused = (rates.index(network.features.sample_rate), graph_of(network)) if network else None
+    graph = FrozenGraph(parts, classifier.head, rates, fused, spec.weight).eval()
+    return graph, spec, rates
 
 
 class FactoredPower(torch.nn.Module):
@@ -240,12 +356,15 @@ def export_onnx(
     Parameters
     ----------
     model : path-like
-        A soundsight model file.
+        A soundsight model file: a fine-tuned network, or a frozen-embedding model
+        (:class:`FrozenGraph`; its network parts and head, a fused network too; a
+        BirdNET part stays TFLite and is refused).
     out : path-like
         The ``.onnx`` file to write (atomically).
     input : {"waveform", "log-mel"}
         What the graph takes: a clip's samples (the whole front end in the graph) or
-        log-mel windows (the network only); see the module docstring.
+        log-mel windows (the network only; fine-tuned networks); see the module
+        docstring.
     opset : int
         ONNX opset, 17 or later.
 
@@ -257,12 +376,11 @@ def export_onnx(
     Raises
     ------
     ExportError
-        An unknown ``input`` or an opset before 17.
+        An unknown ``input``, an opset before 17, or a frozen model with a BirdNET part
+        or ``input="log-mel"``.
     ModelFileError
         ``model`` is not a readable model file.
     """
-    import onnx
-
     from .prediction import Classifier
 
     if input not in INPUTS:
@@ -271,6 +389,13 @@ def export_onnx(
         raise ExportError(
             f"opset {opset} is older than the export writes: use {MIN_OPSET} or later"
         )
+    if model_kind(model) == FROZEN_KIND:
+        if input != "waveform":
+            raise ExportError(
+                f"{model}: a frozen-embedding model exports with --input waveform only "
+                "(its parts have different front ends)"
+            )
+        return _export_frozen(model, out, opset)
     classifier = Classifier.load(model)
     spec, net = classifier.spec, classifier.net.eval()
     # Channels-last strides are a torch-on-CPU speed-up; ONNX Runtime picks its own.
@@ -286,6 +411,48 @@ def export_onnx(
         example = (torch.from_numpy(windows)[:, None],)
         inputs, outputs = ["log_mel_windows"], ["probabilities"]
         dynamic = {"windows": {0: torch.export.Dim("windows", min=1, max=4096)}}
+    return _write(graph, example, inputs, outputs, dynamic, spec, opset, out, input)
+
+
+def _export_frozen(model: str | os.PathLike, out: str | os.PathLike, opset: int) -> Path:
+    """:func:`export_onnx` of a frozen-embedding model file: its :class:`FrozenGraph`."""
+    import soxr
+
+    graph, spec, rates = _frozen_graph(model)
+    # The example clip at each rate, as the runtime resamples it (soxr HQ).
+    noise = np.random.default_rng(0).standard_normal(5 * rates[0]).astype(np.float32) * 0.1
+    example = tuple(
+        torch.from_numpy(np.ascontiguousarray(soxr.resample(noise, rates[0], rate)))
+        for rate in rates
+    )
+    inputs = ["waveform"] + [RATE_INPUT.format(rate) for rate in rates[1:]]
+    dynamic = {
+        # FrozenGraph.forward's *waveforms: one dynamic length per input.
+        "waveforms": tuple(
+            {0: torch.export.Dim(f"samples_{rate}", min=1, max=2**31 - 1)} for rate in rates
+        )
+    }
+    return _write(
+        graph, example, inputs, ["probabilities", "log_mel"], dynamic, spec, opset, out,
+        rate=rates[0],
+    )  # fmt: skip
+
+
+def _write(
+    graph: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict,
+    spec: ModelSpec | FrozenSpec,
+    opset: int,
+    out: str | os.PathLike,
+    input: str = "waveform",
+    rate: int | None = None,
+) -> Path:
+    """Export ``graph`` traced on ``example``, with soundsight's metadata, to ``out``."""
+    import onnx
+
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(
             graph,
@@ -300,13 +467,16 @@ def export_onnx(
         )
     assert program is not None, "dynamo=True always returns a program"
     proto = program.model_proto
-    _set_metadata(proto, spec, input, "none")
+    _set_metadata(proto, spec, input, "none", rate)
     onnx.checker.check_model(proto)
     return write_whole(out, lambda file: file.write(proto.SerializeToString()))
 
 
-def _set_metadata(proto, spec: ModelSpec, input: str, quantization: str) -> None:
-    """Write soundsight's keys into ``proto.metadata_props`` (replacing any there)."""
+def _set_metadata(
+    proto, spec: ModelSpec | FrozenSpec, input: str, quantization: str, rate: int | None = None
+) -> None:
+    """Write soundsight's keys into ``proto.metadata_props`` (replacing any there);
+    ``rate``: a frozen export's ``waveform`` rate."""
     values = {
         SPEC_KEY: spec.to_json(),
         LABELS_KEY: json.dumps(list(spec.labels)),
@@ -315,7 +485,7 @@ def _set_metadata(proto, spec: ModelSpec, input: str, quantization: str) -> None
         # The serve page's colour map (images.spectrogram_image's), so that the runtime
         # draws it without matplotlib.
         PALETTE_KEY: json.dumps(colour_table("magma").tolist()),
-    }
+    } | ({RATE_KEY: str(rate)} if rate else {})
     kept = [p for p in proto.metadata_props if p.key not in values]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
@@ -462,6 +632,11 @@ def quantize(
 
     if mode not in ("dynamic", "static"):
         raise ExportError(f"--quantize must be dynamic or static, got {mode!r}")
+    if model_kind(model) == FROZEN_KIND:
+        raise ExportError(
+            f"{model}: int8 is for fine-tuned networks; a frozen-embedding model exports "
+            "in fp32 (drop --quantize)"
+        )
     from .modelfile import read_spec
 
     spec = read_spec(model)

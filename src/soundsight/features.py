@@ -34,6 +34,15 @@ AISFX_RANGE = 9.457798957824707
 LOG_MEL_DTYPE = np.float16
 
 
+def aisfx_scale(power: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """aisfx's features of mel power ``power`` of a waveform whose peak sample is
+    ``peak`` (broadcastable): the power of the peak-normalised waveform on
+    ``log10(1 + AISFX_GAIN * S) / AISFX_RANGE``, shifted to -1..0 like dB below the
+    loudest bin (a silent clip, peak 0, is left unscaled)."""
+    gain = AISFX_GAIN / torch.where(peak > 0, peak, 1.0).square()
+    return torch.log10(1.0 + gain * power) / AISFX_RANGE - 1.0
+
+
 def _hz_to_mel(hz: np.ndarray | float, htk: bool = False) -> np.ndarray:
     """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above;
     or with ``htk`` the HTK formula ``2595 log10(1 + f / 700)``."""
@@ -144,8 +153,7 @@ class LogMel(torch.nn.Module):
         reference = torch.as_tensor(reference, dtype=power.dtype, device=power.device)
         reference = reference.reshape(reference.shape + (1, 1)[: power.dim() - reference.dim()])
         if cfg.front_end == "aisfx":
-            gain = AISFX_GAIN / torch.where(reference > 0, reference, 1.0).square()
-            return torch.log10(1.0 + gain * power) / AISFX_RANGE - 1.0
+            return aisfx_scale(power, reference)
         db = _decibels(power) - reference
         return db if cfg.top_db is None else db.clamp_min(cfg.floor_db)
 

@@ -139,8 +139,8 @@ class ModelSpec:
         if record.get("kind") == FROZEN_KIND:
             raise ModelFileError(
                 f"{source}: a frozen-embedding model ({record.get('backbone', '?')}): "
-                "`soundsight predict`, `evaluate`, `detect`, `cv` and `serve` run it; "
-                "report, export and fine-tuning do not (yet)"
+                "`soundsight predict`, `evaluate`, `detect`, `cv`, `serve`, `report` and "
+                "`export` take it; it is not a network to fine-tune"
             )
         for name in ("labels", "features", "model"):
             if name not in record:

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
+import soxr
 from tqdm.auto import tqdm
 
 from .audio import AudioError, clip_duration, decode_bytes, load_clip
 from .calibration import UNKNOWN_LABEL, Rejection, known_clips
 from .errors import ConfigError
 from .layouts import LABEL_JOIN
-from .modelfile import ModelFileError, ModelSpec
+from .modelfile import FROZEN_KIND, FrozenSpec, ModelFileError, ModelSpec
 
 if TYPE_CHECKING:
     from .config import FeatureConfig
@@ -41,6 +42,10 @@ LABELS_KEY = "soundsight.labels"  # the labels as a JSON list, for tools that wa
 INPUT_KEY = "soundsight.input"  # "waveform" or "log-mel"
 QUANTIZATION_KEY = "soundsight.quantization"  # "none", "dynamic" or "static"
 PALETTE_KEY = "soundsight.palette"  # the page's colour map: 256 RGB triples, as JSON
+#: A frozen-embedding export's input of the clip at another rate (Hz) than
+#: ``waveform``'s, which is the highest its parts read (``spec.features.sample_rate``).
+RATE_INPUT = "waveform_{}"
+RATE_KEY = "soundsight.sample_rate"  # a frozen export's: the rate of ``waveform``
 #: A clip as callers hold it: a file path, encoded bytes (an upload), or a mono float32
 #: waveform at the model's sample rate (``features.Clip``, which module imports torch).
 AnyClip = str | os.PathLike | bytes | np.ndarray
@@ -94,7 +99,9 @@ def present_labels(
     return [(labels[i], float(probabilities[i])) for i in order if chosen[i]]
 
 
-def answer(spec: ModelSpec, probabilities: np.ndarray, top_k: int = 3) -> list[tuple[str, float]]:
+def answer(
+    spec: ModelSpec | FrozenSpec, probabilities: np.ndarray, top_k: int = 3
+) -> list[tuple[str, float]]:
     """What ``predict`` answers for one clip, with either runtime: the ``top_k`` most
     probable labels, or for a multi-label model every label at or above its threshold
     (:func:`present_labels`; ``top_k`` does not apply)."""
@@ -227,16 +234,35 @@ class OnnxClassifier:
     [('7', 0.98), ('1', 0.01), ('9', 0.003)]
     """
 
-    def __init__(self, session, spec: ModelSpec, palette: np.ndarray, source: Path):
+    def __init__(
+        self,
+        session,
+        spec: ModelSpec | FrozenSpec,
+        palette: np.ndarray,
+        source: Path,
+        features: FeatureConfig | None = None,
+    ):
         self.session = session
         self.spec = spec
         self.labels = list(spec.labels)
-        self.features = spec.features
+        #: What clips are decoded to; a frozen export's (``features``, which it needs)
+        #: are its highest part rate.
+        if isinstance(spec, FrozenSpec):
+            if features is None:
+                raise ModelFileError(f"{source}: a frozen export needs its sample rate")
+            self.features = features
+        else:
+            self.features = spec.features
         self.palette = palette
         self.source = source
+        #: The graph's other inputs: the clip resampled to each of these rates (Hz).
+        self.rates = [
+            int(i.name.removeprefix(RATE_INPUT.format(""))) for i in session.get_inputs()[1:]
+        ]
         #: When a clip is answered ``unknown`` (None: never; see soundsight.calibration).
         try:
-            self.rejection = Rejection.from_dict(spec.rejection, len(spec.labels))
+            rule = {} if isinstance(spec, FrozenSpec) else spec.rejection
+            self.rejection = Rejection.from_dict(rule, len(spec.labels))
         except ValueError as err:
             raise ModelFileError(f"{source}: field 'rejection': {err}") from None
         outputs = [o.name for o in session.get_outputs()]
@@ -271,7 +297,7 @@ class OnnxClassifier:
                 f"{path}: an ONNX model, but not one soundsight exported (no "
                 f"{SPEC_KEY!r} metadata with its labels and features)"
             )
-        spec = ModelSpec.from_json(metadata[SPEC_KEY], path)
+        spec, features = _exported_spec(metadata, path)
         if metadata.get(INPUT_KEY) != "waveform":
             raise ModelFileError(
                 f"{path}: exported with --input {metadata.get(INPUT_KEY)}: the graph "
@@ -280,7 +306,15 @@ class OnnxClassifier:
             )
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
-        if inputs != ["waveform"] or outputs[:2] != ["probabilities", "log_mel"]:
+        # A frozen export's parts may read other rates (RATE_INPUT), below waveform's.
+        rate = features.sample_rate if features else 0
+        others = [i for i in inputs[1:] if not re.fullmatch(RATE_INPUT.format(r"[1-9]\d{3,5}"), i)]
+        rates = [int(i.removeprefix(RATE_INPUT.format(""))) for i in inputs[1:]]
+        if (
+            inputs[:1] != ["waveform"]
+            or outputs[:2] != ["probabilities", "log_mel"]
+            or (len(inputs) > 1 and (features is None or others or max(rates) >= rate))
+        ):
             raise ModelFileError(
                 f"{path}: graph takes {inputs} and gives {outputs}, not "
                 "waveform -> probabilities, log_mel"
@@ -289,7 +323,7 @@ class OnnxClassifier:
             palette = np.asarray(json.loads(metadata[PALETTE_KEY]), np.uint8).reshape(256, 3)
         except (KeyError, ValueError, TypeError):
             raise ModelFileError(f"{path}: metadata {PALETTE_KEY!r} is not 256 colours") from None
-        return cls(session, spec, palette, path)
+        return cls(session, spec, palette, path, features)
 
     @property
     def quantization(self) -> str:
@@ -326,7 +360,12 @@ class OnnxClassifier:
         """One run of the graph (in ``session``, a session of this file; None: the
         classifier's): window probabilities, log-mel, clip embedding (the mean over
         windows, as the torch scorer's; None for exports without it)."""
-        outputs = (session or self.session).run(self._outputs, {"waveform": wave})
+        feeds = {"waveform": wave}
+        for rate in self.rates:  # soxr HQ, as FrozenClassifier.at_rate resamples
+            feeds[RATE_INPUT.format(rate)] = soxr.resample(
+                wave, self.features.sample_rate, rate, quality="HQ"
+            )
+        outputs = (session or self.session).run(self._outputs, feeds)
         embedding = outputs[2].mean(0) if len(outputs) > 2 else None
         return outputs[0], outputs[1], embedding
 
@@ -426,6 +465,27 @@ class OnnxClassifier:
                 if number + ahead < len(paths):
                     pending.append(pool.submit(score, paths[number + ahead]))
                 yield path, scored
+
+
+def _exported_spec(
+    metadata: dict[str, str], path: Path
+) -> tuple[ModelSpec | FrozenSpec, FeatureConfig | None]:
+    """The model record in an export's metadata, validated; for a frozen-embedding
+    model also the features clips are decoded to (its ``RATE_KEY``)."""
+    from .config import FeatureConfig
+
+    text = metadata[SPEC_KEY]
+    try:
+        kind = json.loads(text).get("kind")
+    except (json.JSONDecodeError, AttributeError):
+        kind = None  # ModelSpec.from_json says what is wrong
+    if kind != FROZEN_KIND:
+        return ModelSpec.from_json(text, path), None
+    spec = FrozenSpec.from_json(text, path)
+    rate = metadata.get(RATE_KEY, "")
+    if not rate.isdigit() or not 1000 <= int(rate) <= 384_000:
+        raise ModelFileError(f"{path}: metadata {RATE_KEY!r} is not a sample rate: {rate!r}")
+    return spec, FeatureConfig(sample_rate=int(rate))
 
 
 def _too_long(source: str | os.PathLike, seconds: float) -> AudioError:

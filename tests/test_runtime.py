@@ -98,6 +98,19 @@ def test_files_that_are_not_ours_are_refused_clearly(tiny_onnx, tmp_path):
         OnnxClassifier.load(tmp_path / "missing.onnx")
 
 
+@pytest.mark.parametrize("name", ["samples", "waveform_22050"])
+def test_a_graph_taking_other_inputs_is_refused(tiny_onnx, tmp_path, name):
+    # An input soundsight does not feed; or another rate, which only a frozen export's
+    # graph takes (this is a fine-tuned network's).
+    proto = onnx.load(tiny_onnx)
+    proto.graph.input.append(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["n"])
+    )
+    onnx.save(proto, tmp_path / "odd.onnx")
+    with pytest.raises(ModelFileError, match=f"graph takes.*{name}.*not waveform"):
+        OnnxClassifier.load(tmp_path / "odd.onnx")
+
+
 def test_an_opset_the_runtime_lacks_names_the_ones_it_runs(tiny_onnx, tmp_path):
     proto = onnx.load(tiny_onnx)
     for entry in proto.opset_import:

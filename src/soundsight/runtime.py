@@ -256,9 +256,7 @@ class OnnxClassifier:
         self.palette = palette
         self.source = source
         #: The graph's other inputs: the clip resampled to each of these rates (Hz).
-        self.rates = [
-            int(i.name.removeprefix(RATE_INPUT.format(""))) for i in session.get_inputs()[1:]
-        ]
+        self.rates = _other_rates([i.name for i in session.get_inputs()]) or []
         #: When a clip is answered ``unknown`` (None: never; see soundsight.calibration).
         try:
             rule = {} if isinstance(spec, FrozenSpec) else spec.rejection
@@ -307,13 +305,12 @@ class OnnxClassifier:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
         # A frozen export's parts may read other rates (RATE_INPUT), below waveform's.
-        rate = features.sample_rate if features else 0
-        others = [i for i in inputs[1:] if not re.fullmatch(RATE_INPUT.format(r"[1-9]\d{3,5}"), i)]
-        rates = [int(i.removeprefix(RATE_INPUT.format(""))) for i in inputs[1:]]
+        rates = _other_rates(inputs)
         if (
             inputs[:1] != ["waveform"]
             or outputs[:2] != ["probabilities", "log_mel"]
-            or (len(inputs) > 1 and (features is None or others or max(rates) >= rate))
+            or rates is None
+            or (rates and (features is None or max(rates) >= features.sample_rate))
         ):
             raise ModelFileError(
                 f"{path}: graph takes {inputs} and gives {outputs}, not "
@@ -465,6 +462,14 @@ class OnnxClassifier:
                 if number + ahead < len(paths):
                     pending.append(pool.submit(score, paths[number + ahead]))
                 yield path, scored
+
+
+def _other_rates(inputs: Sequence[str]) -> list[int] | None:
+    """The rates (Hz) of a graph's inputs after ``waveform`` (each named
+    :data:`RATE_INPUT`); None where one is named otherwise."""
+    pattern = re.escape(RATE_INPUT).replace(r"\{\}", "([1-9][0-9]{3,5})")
+    found = [re.fullmatch(pattern, name) for name in inputs[1:]]
+    return None if not all(found) else [int(m.group(1)) for m in found if m]
 
 
 def _exported_spec(
